@@ -28,12 +28,15 @@ _EXPORTS = {
     "encode_prompt": "text",
     "preprocess_prompt": "text",
     "DEFAULT_NEGATIVE_PROMPT": "text",
+    "DEFAULT_PROMPT": "text",
+    "MAX_LENGTH": "text",
     "sample": "sampling",
     "make_scheduler": "sampling",
     "SCHEDULERS": "sampling",
     "load_vae": "vae",
     "decode_latents": "vae",
     "encode_frames": "vae",
+    "SCALING_FACTOR": "vae",
 }
 
 __all__ = sorted(_EXPORTS)

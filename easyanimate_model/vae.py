@@ -1,0 +1,157 @@
+"""The SD-1.x AutoencoderKL of the PixArt folder (spec C.6): loading, frame-chunked decode and encode.
+
+v1 decodes latents × (1/0.18215) one frame at a time and returns `(x/2 + 0.5).clamp(0, 1)`; decoding in chunks of
+frames gives the same frames while memory stays flat in the frame count. diffusers is imported on use.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .loading import EasyAnimateLoadError
+
+# Hard-coded in the v1 pipeline (not read from the VAE config).
+SCALING_FACTOR = 0.18215
+
+# stabilityai/sd-vae-ft-ema (= PixArt-XL-2-512x512/vae); the shape-derived fields are overwritten per file.
+SD_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": SCALING_FACTOR,
+}
+
+
+def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """AutoencoderKL from a pipeline folder (uses vae/), a diffusers vae folder, or a single SD-VAE file
+    (.safetensors/.ckpt/.pt in the original LDM key layout, optionally `first_stage_model.`-prefixed, or in the
+    diffusers layout)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise EasyAnimateLoadError(f"{path}: expected a pipeline folder with vae/ or a diffusers VAE folder "
+                                       f"(config.json + weights), found no {config_file.relative_to(path.parent)}")
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+        if class_name != "AutoencoderKL":
+            raise EasyAnimateLoadError(f"{config_file}: expected _class_name 'AutoencoderKL', found {class_name!r}")
+        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
+    elif path.is_file():
+        vae = _vae_from_single_file(path, dtype)
+    else:
+        raise EasyAnimateLoadError(f"{path}: expected a VAE folder or file, not found")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        return sd.get("state_dict", sd)
+    raise EasyAnimateLoadError(f"{path}: expected a .safetensors/.ckpt/.pt/.pth/.bin VAE file, found suffix "
+                               f"{path.suffix!r}")
+
+
+def _strip_prefix(sd: dict) -> dict:
+    for prefix in ("first_stage_model.", "vae."):
+        if any(k.startswith(prefix) for k in sd):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def _vae_from_single_file(path: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    sd = _strip_prefix(_read_state_dict(path))
+    if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
+        raise EasyAnimateLoadError(f"{path}: expected an SD VAE state dict (encoder.conv_in.weight, "
+                                   f"decoder.conv_out.weight, ...), found keys like {sorted(sd)[:4]}")
+    config = dict(SD_VAE_CONFIG)
+    diffusers_layout = any(k.startswith("encoder.down_blocks.") for k in sd)
+    block = ("encoder.down_blocks.{}.resnets.{}.conv1.weight" if diffusers_layout
+             else "encoder.down.{}.block.{}.conv1.weight")
+    levels = [i for i in range(16) if block.format(i, 0) in sd]
+    config["block_out_channels"] = [sd[block.format(i, 0)].shape[0] for i in levels]
+    config["layers_per_block"] = sum(block.format(0, j) in sd for j in range(8))
+    config["down_block_types"] = ["DownEncoderBlock2D"] * len(levels)
+    config["up_block_types"] = ["UpDecoderBlock2D"] * len(levels)
+    config["latent_channels"] = sd["encoder.conv_out.weight"].shape[0] // 2
+    if not diffusers_layout:
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        sd = convert_ldm_vae_checkpoint(sd, config)
+    vae = AutoencoderKL(**config)
+    missing, unexpected = vae.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise EasyAnimateLoadError(f"{path}: expected an SD VAE with block_out_channels {config['block_out_channels']}"
+                                   f", found {len(missing)} missing keys (e.g. {missing[:3]}) and {len(unexpected)} "
+                                   f"unexpected keys (e.g. {unexpected[:3]})")
+    return vae.to(dtype)
+
+
+def _vae_dtype(vae) -> torch.dtype:
+    return next(vae.parameters()).dtype
+
+
+def _vae_device(vae) -> torch.device:
+    return next(vae.parameters()).device
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, chunk: int = 1, tiled: bool = False) -> torch.Tensor:
+    """Latents [B, 4, F, h, w] -> video [B, 3, F, 8h, 8w] float32 in 0..1, on the CPU.
+
+    Frames are decoded `chunk` at a time (v1 used 1) and moved to the CPU at once, so device memory does not grow
+    with the frame count. `tiled` decodes each frame in overlapping tiles (diffusers VAE tiling) for large frames.
+    """
+    if latents.ndim != 5:
+        raise ValueError(f"latents: expected [B, C, F, h, w], found shape {tuple(latents.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
+    b, c, f, h, w = latents.shape
+    frames = (latents / SCALING_FACTOR).transpose(1, 2).reshape(b * f, c, h, w)
+    frames = frames.to(device=_vae_device(vae), dtype=_vae_dtype(vae))
+    was_tiled = vae.use_tiling
+    vae.enable_tiling() if tiled else vae.disable_tiling()
+    try:
+        decoded = [vae.decode(frames[i:i + chunk]).sample.cpu().float() for i in range(0, b * f, chunk)]
+    finally:
+        vae.enable_tiling() if was_tiled else vae.disable_tiling()
+    video = torch.cat(decoded)
+    video = video.view(b, f, *video.shape[1:]).transpose(1, 2)
+    return (video / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: torch.Tensor, chunk: int = 8, generator: torch.Generator | None = None,
+                  sample: bool = True) -> torch.Tensor:
+    """Video [B, 3, F, H, W] in 0..1 -> latents [B, 4, F, H/8, W/8] × 0.18215 (the training latents, spec D.5).
+
+    Frames are encoded `chunk` at a time (training's `--vae_mini_batch`); `sample=False` takes the posterior mean.
+    """
+    if frames.ndim != 5 or frames.shape[1] != 3:
+        raise ValueError(f"frames: expected [B, 3, F, H, W], found shape {tuple(frames.shape)}")
+    b, c, f, h, w = frames.shape
+    x = (frames * 2 - 1).transpose(1, 2).reshape(b * f, c, h, w)
+    x = x.to(device=_vae_device(vae), dtype=_vae_dtype(vae))
+    latents = []
+    for i in range(0, b * f, chunk):
+        dist = vae.encode(x[i:i + chunk]).latent_dist
+        latents.append(dist.sample(generator) if sample else dist.mode())
+    latents = torch.cat(latents) * SCALING_FACTOR
+    return latents.view(b, f, *latents.shape[1:]).transpose(1, 2)
