@@ -1,0 +1,189 @@
+"""Loader nodes: pipeline folder / single DiT file -> MODEL (+ CLIP, VAE); motion module and base checkpoint
+applied to clones of a MODEL as weight patches (the input MODEL is never changed)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError, identify_foreign, read_transformer
+from ..easyanimate_model.transformer import Transformer3DModel
+from . import model_files
+from .comfy_model import WEIGHT_DTYPES, add_weight_patches, build_model_patcher, easyanimate_model
+from .comfy_clip import TEXT_ENCODER_DEVICES
+from .nodes_text import load_t5_from_pipeline
+from .nodes_vae import load_pipeline_vae
+
+log = logging.getLogger("EasyAnimate")
+
+WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the transformer weights. default: ComfyUI's choice for the device; fp8 "
+                        "halves memory (computed in fp16/bf16/fp32).")
+
+
+def _load_error(node, e):
+    """Errors from reading model files, re-raised with the node name (the message already names the file)."""
+    return type(e)(f"{node}: {e}") if isinstance(e, (EasyAnimateLoadError, ValueError)) else e
+
+
+class EasyAnimateLoadPipeline:
+    DESCRIPTION = ("Loads an EasyAnimate / PixArt-alpha diffusers folder from models/diffusers (e.g. "
+                   "PixArt-XL-2-512x512): the transformer as MODEL, the T5 encoder as CLIP, the VAE.")
+    CATEGORY = "EasyAnimate/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = ("The DiT (motion module not loaded unless the folder is a full EasyAnimate model).",
+                       "The T5-XXL text encoder with EasyAnimate's tokenization.", "The SD VAE of the folder.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": (model_files.pipeline_folders(), {"tooltip":
+                         "A diffusers pipeline folder in models/diffusers (model_index.json, transformer/, "
+                         "text_encoder/, tokenizer/, vae/)."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
+            "text_encoder_device": (list(TEXT_ENCODER_DEVICES), {"default": "default", "tooltip":
+                                    "Where T5 runs: default = ComfyUI's text-encoder device; cpu saves GPU memory."}),
+        }}
+
+    def load(self, pipeline, weight_dtype, text_encoder_device):
+        folder = model_files.pipeline_path(pipeline)
+        try:
+            config, state = read_transformer(folder, dtype=None)
+            model = build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"))
+            del state
+            clip = load_t5_from_pipeline(folder, text_encoder_device)
+            vae = load_pipeline_vae(os.path.join(folder, "vae"))
+        except (EasyAnimateLoadError, ValueError) as e:
+            raise _load_error("EasyAnimateLoadPipeline", e) from None
+        return (model, clip, vae)
+
+
+class EasyAnimateLoadDiT:
+    DESCRIPTION = ("Loads an EasyAnimate / PixArt-alpha transformer from a single file in diffusion_models or "
+                   "checkpoints (2D DiT, or a full 3D model with the motion module).")
+    CATEGORY = "EasyAnimate/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The DiT as a native MODEL.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit_name": (model_files.file_list("diffusion_models", "checkpoints"), {"tooltip":
+                         "Transformer weights (.safetensors, or a weights-only .ckpt/.pt/.bin) from "
+                         "models/diffusion_models or models/checkpoints."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": WEIGHT_DTYPE_TOOLTIP}),
+        }}
+
+    def load(self, dit_name, weight_dtype):
+        path = model_files.full_path(dit_name, "diffusion_models", "checkpoints")
+        try:
+            config, state = read_transformer(path, dtype=None)
+            return (build_model_patcher(config, state, weight_dtype, path),)
+        except (EasyAnimateLoadError, ValueError) as e:
+            raise _load_error("EasyAnimateLoadDiT", e) from None
+
+
+def _read_motion_module(path: str, model) -> dict:
+    """The motion-module tensors of `path`, checked against the model's motion-module keys and shapes."""
+    weights = CheckpointFile(path)
+    foreign = identify_foreign(weights.shapes)
+    if foreign:
+        raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module, found {foreign}")
+    expected = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()
+                if Transformer3DModel.is_motion_key(k)}
+    keys = [k for k in weights.keys() if Transformer3DModel.is_motion_key(k)]
+    if not keys:
+        raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module (keys "
+                                   f"'transformer_blocks.N.attn_temporal...'), found none among {len(weights.keys())} "
+                                   f"keys (e.g. {sorted(weights.keys())[:3]})")
+    unexpected = sorted(set(keys) - set(expected))
+    missing = sorted(k for k in set(expected) - set(keys) if not k.endswith("pos_encoder.pe"))
+    mismatched = sorted(k for k in set(keys) & set(expected) if tuple(weights.shapes[k]) != expected[k])
+    if unexpected or missing or mismatched:
+        raise EasyAnimateLoadError(
+            f"{path}: does not fit this transformer's motion module ({len(expected)} keys): "
+            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+            f"{len(mismatched)} with other shapes "
+            f"{[(k, weights.shapes[k], expected[k]) for k in mismatched[:3]]}")
+    if len(keys) < len(weights.keys()):
+        log.warning("%s: only its %d motion-module keys are used (%d other keys ignored)", path, len(keys),
+                    len(weights.keys()) - len(keys))
+    return weights.read(keys)
+
+
+class EasyAnimateLoadMotionModule:
+    DESCRIPTION = ("Adds the EasyAnimate v1 motion module (models/easyanimate, e.g. easyanimate_v1_mm.safetensors) "
+                   "to a copy of the MODEL, turning the image DiT into the video model.")
+    CATEGORY = "EasyAnimate/loaders"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the input MODEL with the motion module (the input is unchanged).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The EasyAnimate DiT from an EasyAnimate loader."}),
+            "motion_module_name": (model_files.file_list(model_files.EASYANIMATE_FOLDER), {"tooltip":
+                                   "Motion-module weights in models/easyanimate (extra_model_paths.yaml "
+                                   "'easyanimate' entries are listed too)."}),
+        }}
+
+    def apply(self, model, motion_module_name):
+        inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
+        path = model_files.full_path(motion_module_name, model_files.EASYANIMATE_FOLDER)
+        try:
+            state = _read_motion_module(path, inner)
+            return (add_weight_patches(model, state, enable_motion_module=True),)
+        except (EasyAnimateLoadError, ValueError) as e:
+            raise _load_error("EasyAnimateLoadMotionModule", e) from None
+
+
+class EasyAnimateLoadBaseCheckpoint:
+    DESCRIPTION = ("Replaces the image-model (2D) weights of a copy of the MODEL with a personalised PixArt "
+                   "checkpoint (e.g. easyanimate_portrait.safetensors); a loaded motion module is kept.")
+    CATEGORY = "EasyAnimate/loaders"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("A copy of the input MODEL with the checkpoint's weights (the input is unchanged).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The EasyAnimate MODEL (with or without motion module)."}),
+            "ckpt_name": (model_files.file_list(model_files.EASYANIMATE_FOLDER, "diffusion_models"), {"tooltip":
+                          "A PixArt-alpha 2D checkpoint (diffusers or original keys) from models/easyanimate or "
+                          "models/diffusion_models."}),
+        }}
+
+    def apply(self, model, ckpt_name):
+        inner = easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
+        path = model_files.full_path(ckpt_name, model_files.EASYANIMATE_FOLDER, "diffusion_models")
+        try:
+            # like the original's load_state_dict(strict=False): a full 3D checkpoint replaces the motion module too
+            has_motion = any(Transformer3DModel.is_motion_key(k) for k in CheckpointFile(path).keys())
+            ours = inner.diffusion_model.config
+            # checked (and original PixArt keys converted) against this model's config
+            config = ours if has_motion else dataclasses.replace(ours, motion_module=None)
+            _, state = read_transformer(path, config=config, dtype=None)
+            return (add_weight_patches(model, state, enable_motion_module=has_motion),)
+        except (EasyAnimateLoadError, ValueError) as e:
+            raise _load_error("EasyAnimateLoadBaseCheckpoint", e) from None
+
+
+NODE_CLASS_MAPPINGS = {
+    "EasyAnimateLoadPipeline": EasyAnimateLoadPipeline,
+    "EasyAnimateLoadDiT": EasyAnimateLoadDiT,
+    "EasyAnimateLoadMotionModule": EasyAnimateLoadMotionModule,
+    "EasyAnimateLoadBaseCheckpoint": EasyAnimateLoadBaseCheckpoint,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "EasyAnimateLoadPipeline": "EasyAnimate Load Pipeline (DiT + T5 + VAE)",
+    "EasyAnimateLoadDiT": "EasyAnimate Load DiT (single file)",
+    "EasyAnimateLoadMotionModule": "EasyAnimate Load Motion Module",
+    "EasyAnimateLoadBaseCheckpoint": "EasyAnimate Load Base Checkpoint (portrait)",
+}

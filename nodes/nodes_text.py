@@ -1,0 +1,138 @@
+"""T5 loader and prompt encoding nodes (the original's tokenization: cleaned / lower-cased, 120 tokens, mask)."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError, ShardedCheckpoint
+from ..easyanimate_model.text import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_LENGTH, preprocess_prompt
+from . import model_files
+from .comfy_clip import (COMFY_T5_CONFIG, COMFY_T5_TOKENIZER, TEXT_ENCODER_DEVICES, EasyAnimateTokenizerBase,
+                         build_clip, comfy_t5_config, read_hf_config)
+
+log = logging.getLogger("EasyAnimate")
+
+T5_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+
+
+def _t5_state_dict(weights) -> dict:
+    return weights.read(weights.keys())
+
+
+def load_t5_from_pipeline(folder: str, device: str):
+    """CLIP from a pipeline folder's text_encoder/ (config.json + weights, sharded or not) and tokenizer/."""
+    encoder_dir, tokenizer_dir = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
+    config_file = os.path.join(encoder_dir, "config.json")
+    if not os.path.isfile(config_file):
+        raise EasyAnimateLoadError(f"{config_file}: expected the T5 encoder config.json, file not found")
+    if not os.path.isdir(tokenizer_dir):
+        raise EasyAnimateLoadError(f"{tokenizer_dir}: expected the T5 tokenizer folder, not found")
+    name = next((n for n in T5_WEIGHTS if os.path.isfile(os.path.join(encoder_dir, n))), None)
+    if name is None:
+        raise EasyAnimateLoadError(f"{encoder_dir}: expected T5 weights ({', '.join(T5_WEIGHTS)}), found "
+                                   f"{sorted(os.listdir(encoder_dir))}")
+    path = os.path.join(encoder_dir, name)
+    weights = ShardedCheckpoint(Path(path)) if name.endswith(".json") else CheckpointFile(path)
+    config = comfy_t5_config(read_hf_config(config_file), config_file)
+    return build_clip(_t5_state_dict(weights), config, tokenizer_dir, device, encoder_dir)
+
+
+def load_t5_from_file(path: str, device: str):
+    """CLIP from a single T5-XXL encoder file (text_encoders/, e.g. t5xxl_fp16.safetensors): ComfyUI's T5-XXL
+    config and its bundled T5 tokenizer (same vocabulary as PixArt's)."""
+    weights = CheckpointFile(path)
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" not in weights.shapes:
+        raise EasyAnimateLoadError(f"{path}: expected a T5 encoder (keys 'encoder.block.N.layer...'), found keys like "
+                                   f"{sorted(weights.keys())[:3]}")
+    if "scaled_fp8" in weights.shapes:
+        raise EasyAnimateLoadError(f"{path}: scaled-fp8 T5 files are not supported here; use an fp16/bf16/fp8 "
+                                   f"t5xxl file")
+    config = comfy_t5_config(read_hf_config(COMFY_T5_CONFIG) | {"feed_forward_proj": "gated-gelu"}, COMFY_T5_CONFIG)
+    return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path)
+
+
+def t5_sources() -> list[str]:
+    return ([model_files.PIPELINE_PREFIX + p for p in model_files.pipeline_folders("text_encoder")]
+            + [model_files.TEXT_ENCODER_PREFIX + f for f in model_files.file_list("text_encoders")])
+
+
+class EasyAnimateLoadT5:
+    DESCRIPTION = ("Loads the T5-XXL text encoder as a CLIP, from a pipeline folder (text_encoder/ + tokenizer/) or "
+                   "a single text_encoders/ file, tokenizing exactly like EasyAnimate (120 tokens, mask).")
+    CATEGORY = "EasyAnimate/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("The T5 text encoder (ComfyUI-managed, LoRA-patchable).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "source": (t5_sources(), {"tooltip": "diffusers/<folder>: a pipeline folder's text_encoder/ and "
+                                                 "tokenizer/; text_encoders/<file>: a T5-XXL encoder file."}),
+            "device": (list(TEXT_ENCODER_DEVICES), {"default": "default", "tooltip":
+                       "Where T5 runs: default = ComfyUI's text-encoder device; cpu saves GPU memory."}),
+        }}
+
+    def load(self, source, device):
+        try:
+            if source.startswith(model_files.PIPELINE_PREFIX):
+                folder = model_files.pipeline_path(source[len(model_files.PIPELINE_PREFIX):])
+                return (load_t5_from_pipeline(folder, device),)
+            if source.startswith(model_files.TEXT_ENCODER_PREFIX):
+                name = source[len(model_files.TEXT_ENCODER_PREFIX):]
+                return (load_t5_from_file(model_files.full_path(name, "text_encoders"), device),)
+        except (EasyAnimateLoadError, ValueError) as e:
+            raise type(e)(f"EasyAnimateLoadT5: {e}") from None
+        raise ValueError(f"EasyAnimateLoadT5: source must start with {model_files.PIPELINE_PREFIX!r} or "
+                         f"{model_files.TEXT_ENCODER_PREFIX!r}, found {source!r}")
+
+
+def encode(clip, text: str):
+    """CONDITIONING [[embeds [1, 120, C], {"attention_mask": [1, 120]}]] for one prompt."""
+    if clip is None:
+        raise ValueError("EasyAnimateTextEncode: the clip input is None (is a CLIP connected? a LoRA loader without "
+                         "its optional clip input outputs None)")
+    if not isinstance(clip.tokenizer, EasyAnimateTokenizerBase):
+        # a core T5 CLIP (e.g. CLIPLoader type pixart): right weights, but not the original tokenization
+        log.warning("EasyAnimateTextEncode: this CLIP is not from EasyAnimateLoadT5/LoadPipeline; its own "
+                    "tokenizer is used (no 120-token padding/mask), so results differ from the original")
+        tokens = clip.tokenize(preprocess_prompt(text))
+    else:
+        tokens = clip.tokenize(text)
+    out = clip.encode_from_tokens(tokens, return_dict=True)
+    cond = out.pop("cond")
+    extras = {k: v for k, v in out.items() if k == "attention_mask" or k == "hooks"}
+    return [[cond, extras]]
+
+
+class EasyAnimateTextEncode:
+    DESCRIPTION = ("Encodes the prompt and negative prompt like EasyAnimate v1 (caption cleaning/lower-casing, "
+                   f"{MAX_LENGTH} T5 tokens with padding mask).")
+    CATEGORY = "EasyAnimate/conditioning"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    OUTPUT_TOOLTIPS = ("Conditioning of the prompt (T5 embeddings + attention mask).",
+                       "Conditioning of the negative prompt.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The T5 encoder from EasyAnimateLoadT5 or EasyAnimateLoadPipeline."}),
+            "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True, "dynamicPrompts": True,
+                                  "tooltip": "What the video shows (lower-cased and truncated to 120 tokens, as "
+                                             "in the original)."}),
+            "negative_prompt": ("STRING", {"default": DEFAULT_NEGATIVE_PROMPT, "multiline": True,
+                                           "dynamicPrompts": True,
+                                           "tooltip": "What to steer away from (used when cfg > 1)."}),
+        }}
+
+    def encode(self, clip, prompt, negative_prompt):
+        return (encode(clip, prompt), encode(clip, negative_prompt))
+
+
+NODE_CLASS_MAPPINGS = {"EasyAnimateLoadT5": EasyAnimateLoadT5, "EasyAnimateTextEncode": EasyAnimateTextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"EasyAnimateLoadT5": "EasyAnimate Load T5 Text Encoder",
+                              "EasyAnimateTextEncode": "EasyAnimate Text Encode"}

@@ -1,0 +1,101 @@
+"""VAE: the pipeline folder's vae/ as a native comfy.sd.VAE, and the chunked video decode node."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+import comfy.sd
+import comfy.utils
+import comfy.model_management
+
+from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError
+
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _autoencoder_params(cfg: dict, source: str) -> dict:
+    """comfy AutoencoderKL params from a diffusers AutoencoderKL config.json (SD-VAE family, any width/depth)."""
+    channels = list(cfg.get("block_out_channels", [128, 256, 512, 512]))
+    latent = cfg.get("latent_channels", 4)
+    # comfy's VAE blocks use GroupNorm(32) and ldm-style channel multipliers
+    if cfg.get("norm_num_groups", 32) != 32 or any(c % 32 or c % channels[0] for c in channels):
+        raise EasyAnimateLoadError(
+            f"{source}: expected an SD-style AutoencoderKL (norm_num_groups 32, block_out_channels multiples of 32 "
+            f"and of the first), found norm_num_groups={cfg.get('norm_num_groups')}, block_out_channels={channels}")
+    if not 1 <= len(channels) <= 4 or cfg.get("layers_per_block", 2) > 2:
+        raise EasyAnimateLoadError(f"{source}: expected at most 4 VAE blocks of at most 2 layers, found "
+                                   f"{len(channels)} blocks of {cfg.get('layers_per_block')}")
+    return {"embed_dim": latent, "ddconfig": {
+        "double_z": True, "z_channels": latent, "resolution": 256, "in_channels": cfg.get("in_channels", 3),
+        "out_ch": cfg.get("out_channels", 3), "ch": channels[0], "ch_mult": [c // channels[0] for c in channels],
+        "num_res_blocks": cfg.get("layers_per_block", 2), "attn_resolutions": [], "dropout": 0.0}}
+
+
+def load_pipeline_vae(vae_dir: str):
+    """comfy.sd.VAE from a diffusers vae/ folder (config.json + weights), config passed explicitly."""
+    config_file = os.path.join(vae_dir, "config.json")
+    if not os.path.isfile(config_file):
+        raise EasyAnimateLoadError(f"{config_file}: expected the VAE config.json, file not found")
+    with open(config_file) as f:
+        cfg = json.load(f)
+    weights = next((os.path.join(vae_dir, n) for n in VAE_WEIGHTS if os.path.isfile(os.path.join(vae_dir, n))), None)
+    if weights is None:
+        raise EasyAnimateLoadError(f"{vae_dir}: expected VAE weights ({' or '.join(VAE_WEIGHTS)}), found "
+                                   f"{sorted(os.listdir(vae_dir))}")
+    params = _autoencoder_params(cfg, config_file)
+    checkpoint = CheckpointFile(weights)
+    sd = checkpoint.read(checkpoint.keys())
+    blocks = len(params["ddconfig"]["ch_mult"])
+    if blocks < 4:
+        # core's diffusers->ldm key map numbers decoder blocks for 4; shift so block i lands on ldm up.{blocks-1-i}
+        sd = {re.sub(r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up_blocks.{int(m.group(1)) + 4 - blocks}.",
+                     k): v for k, v in sd.items()}
+    vae = comfy.sd.VAE(sd=sd, config={"params": params})
+    vae.downscale_ratio = vae.upscale_ratio = 2 ** (blocks - 1)
+    return vae
+
+
+class EasyAnimateVAEDecode:
+    DESCRIPTION = ("Decodes frames-in-batch video latents to frames, a chunk of frames at a time (memory does not "
+                   "grow with the frame count), optionally tiled. Same output as core VAE Decode.")
+    CATEGORY = "EasyAnimate/video"
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("The decoded frames [batch*frames, H, W, 3] in 0..1, video after video.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VAE", {"tooltip": "The VAE (from EasyAnimateLoadPipeline or a core VAE loader)."}),
+            "samples": ("LATENT", {"tooltip": "Video latents from the sampler (frames in the batch dimension)."}),
+            "frames_per_chunk": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip":
+                                         "Frames decoded at once. 1 is what the original does; larger is faster "
+                                         "and needs more memory."}),
+            "tiled": ("BOOLEAN", {"default": False, "tooltip":
+                                  "Decode each frame in overlapping tiles (for large sizes on small GPUs)."}),
+        }}
+
+    def decode(self, vae, samples, frames_per_chunk, tiled):
+        latents = samples["samples"]
+        if latents.ndim != 4:
+            raise ValueError(f"EasyAnimateVAEDecode: expected frames-in-batch latents [frames, C, h, w], found shape "
+                             f"{tuple(latents.shape)}")
+        if latents.shape[0] == 0:
+            raise ValueError("EasyAnimateVAEDecode: the latent has no frames")
+        pbar = comfy.utils.ProgressBar(latents.shape[0])
+        chunks = []
+        for start in range(0, latents.shape[0], frames_per_chunk):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            chunk = latents[start:start + frames_per_chunk]
+            chunks.append(vae.decode_tiled(chunk) if tiled else vae.decode(chunk))
+            pbar.update_absolute(start + chunk.shape[0], latents.shape[0])
+        images = torch.cat(chunks)
+        return (images.reshape(-1, *images.shape[-3:]),)
+
+
+NODE_CLASS_MAPPINGS = {"EasyAnimateVAEDecode": EasyAnimateVAEDecode}
+NODE_DISPLAY_NAME_MAPPINGS = {"EasyAnimateVAEDecode": "EasyAnimate VAE Decode (video)"}
