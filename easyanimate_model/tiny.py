@@ -50,7 +50,8 @@ TINY_T5 = {"vocab_size": 32128, "d_model": TINY_CONFIG.caption_channels, "d_kv":
 TOKENIZER_VOCAB = 240
 EXTRA_IDS = 100
 
-TINY_VAE = {"block_out_channels": [8, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 4}
+# GroupNorm(32) everywhere: ComfyUI's own VAE class hard-codes 32 groups, so core VAEDecode can load this one too
+TINY_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 32}
 
 # Sentences for the tiny SentencePiece model: the default prompts' words plus everyday English.
 _CORPUS = """\
