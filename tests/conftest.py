@@ -1,0 +1,77 @@
+"""pytest setup: the repo on sys.path, the `server` marker, and the session fixture `comfy`.
+
+`comfy` starts the real ComfyUI 0.3.75 test host (scripts/setup_host.sh; $COMFY_HOST_DIR, default <repo>/.host)
+once per session, with tiny release models in its models folder and this repo linked in as a custom node.
+Only tests that request it start a server; they are marked `server` automatically (`-m "not server"` skips them).
+"""
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from comfy_client import REPO_DIR, ComfyServer, ServerError, host_dir, host_python
+
+ARTIFACTS_DIR = REPO_DIR / "test_artifacts"
+if str(REPO_DIR) not in sys.path:  # `import easyanimate_model` from tests, without installing the pack
+    sys.path.insert(0, str(REPO_DIR))
+
+# a folder name that is not the canonical one: proves nothing in the pack hard-codes where it is installed
+PACK_FOLDER_NAME = "easyanimate-pack-under-test"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "server: starts the real ComfyUI server (session fixture `comfy`)")
+    config.addinivalue_line("markers", "browser: drives the real frontend in Debian's chromium (Playwright)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfy" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    server = getattr(item, "funcargs", {}).get("comfy")
+    if report.failed and isinstance(server, ComfyServer):
+        report.sections.append(("comfy server log", server.log_tail(60)))
+
+
+@pytest.fixture(scope="session")
+def comfy_host_dir():
+    """The test host folder (venv/ + ComfyUI/)."""
+    return host_dir()
+
+
+@pytest.fixture(scope="session")
+def comfy_python(comfy_host_dir):
+    """The host venv's python: library tests that need a subprocess run it in the same environment."""
+    return host_python(comfy_host_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_host_dir):
+    """A running ComfyUI with the pack loaded and tiny release models (see tests/comfy_client.py)."""
+    try:
+        from easyanimate_model.tiny import write_release_files
+    except ImportError as e:
+        pytest.fail(f"the `comfy` fixture needs easyanimate_model.tiny.write_release_files to put tiny "
+                    f"models in the server's models folder: {e}", pytrace=False)
+    base = Path(tempfile.mkdtemp(prefix="ea-comfy-base-"))
+    server = ComfyServer(comfy_host_dir, base, pack_dir=REPO_DIR, pack_folder_name=PACK_FOLDER_NAME)
+    log_copy = ARTIFACTS_DIR / "comfy_server.log"
+    try:
+        # the pipeline node loads the VAE as ComfyUI's SD VAE, which needs the real (random-weight) SD layout
+        write_release_files(server.models_dir, vae="tiny")
+        try:
+            server.start()
+        except ServerError as e:
+            pytest.fail(f"{e}\n(full log: {log_copy})", pytrace=False)
+        yield server
+    finally:
+        server.stop()
+        server.save_log(log_copy)
+        shutil.rmtree(base, ignore_errors=True)
