@@ -36,7 +36,8 @@ reqs=(-r "$REPO/requirements.txt" -r "$REPO/tests/requirements-test.txt")
 [[ "$no_browser" == 1 ]] || reqs+=(-r "$HOSTKIT/requirements-browser.lock")
 
 stamp_inputs=("${BASH_SOURCE[0]}" "$HOSTKIT/install_host.sh" "$HOSTKIT/_comfy_host_tv_shim.py" "$LOCK"
-              "$HOSTKIT/requirements-browser.lock" "$REPO/requirements.txt" "$REPO/tests/requirements-test.txt")
+              "$HOSTKIT/requirements-browser.lock" "$HOSTKIT/requirements-comfycli.txt" "$REPO/requirements.txt"
+              "$REPO/tests/requirements-test.txt")
 stamp=$( (cat "${stamp_inputs[@]}"; echo "no_browser=$no_browser") | sha256sum | cut -d' ' -f1)
 STAMP_FILE="$HOST/.setup_stamp"
 
@@ -55,6 +56,12 @@ else
     pip_ install -q -c "$LOCK" -c <(echo "$TORCH_PIN") "${reqs[@]}" ||
         die "pip could not install the pack's requirements with the host pins (above)"
     pip_ check >/dev/null || say "note: pip check: $(pip_ check | head -5 | tr '\n' ' ')"
+
+    say "comfy-cli (for \`comfy node validate\`) in its own venv $HOST/comfycli-venv"
+    [[ -x "$HOST/comfycli-venv/bin/python" ]] || "$HOST/venv/bin/python" -m venv "$HOST/comfycli-venv"
+    "$HOST/comfycli-venv/bin/python" -m pip --disable-pip-version-check install -q \
+        -r "$HOSTKIT/requirements-comfycli.txt" 2>&1 | { grep -v "is ignored: it is neither" || true; } ||
+        die "pip could not install comfy-cli (tests/host/requirements-comfycli.txt)"
     echo "$stamp" > "$STAMP_FILE"
 fi
 
