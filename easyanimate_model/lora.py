@@ -11,6 +11,7 @@ the diffusers convention, whose files keep alpha in a separate adapter config).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -293,3 +294,16 @@ def _apply(path_or_sd, strength, transformer, text_encoder, text_encoder_strengt
     report.not_applied.update({name: _NO_TARGET for name in no_target})
     report.missing_modules += no_target
     return report
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """sd-webui-additional-networks hashes of the file the tensors make (no ss_ metadata here):
+    sshs_model_hash = sha256 of the tensor data section; sshs_legacy_hash = first 8 hex of the sha256 of the
+    64 KiB at offset 1 MiB of the whole file."""
+    from safetensors.torch import save
+
+    blob = save(tensors, {})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}

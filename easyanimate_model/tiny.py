@@ -14,7 +14,6 @@ depend on every file. Deterministic for a given seed; the global RNG state is le
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -230,7 +229,9 @@ def write_scheduler(folder: Path) -> None:
 def write_kohya_lora(path: Path, dit_sd: dict, t5_sd: dict, seed: int) -> None:
     """kohya LoRA as lora_utils.save_weights writes it (spec B.6): every DiT Linear outside attn_temporal and every
     T5 self-attention / feed-forward Linear; `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`; bf16."""
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save_file
+
+    from .lora import kohya_hashes
 
     g = torch.Generator().manual_seed(seed)
     targets = [("lora_unet__", k) for k, v in dit_sd.items()
@@ -245,15 +246,7 @@ def write_kohya_lora(path: Path, dit_sd: dict, t5_sd: dict, seed: int) -> None:
         tensors[f"{name}.lora_up.weight"] = 0.1 * torch.randn(out_dim, LORA_RANK, generator=g)
         tensors[f"{name}.alpha"] = torch.tensor(LORA_ALPHA)
     tensors = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata=_kohya_hashes(save(tensors)))
-
-
-def _kohya_hashes(data: bytes) -> dict:
-    """kohya's sshs hashes of a metadata-free safetensors file: sha256 of the tensor bytes, and the legacy
-    (addnet) 8-hex hash of the 64 KiB at offset 1 MiB."""
-    header_len = int.from_bytes(data[:8], "little")
-    return {"sshs_model_hash": hashlib.sha256(data[8 + header_len:]).hexdigest(),
-            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}
+    save_file(tensors, str(path), metadata=kohya_hashes(tensors))
 
 
 def _write_json(path: Path, obj) -> None:

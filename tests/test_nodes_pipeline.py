@@ -2,8 +2,6 @@
 reproducibility, core KSampler/VAEDecode on our MODEL, portrait checkpoint, LoRA, failure paths, interrupt, parity."""
 import json
 import random
-import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..loading import WEIGHTS_NAME
-from .lora_network import kohya_hashes
+from ..lora import kohya_hashes
 
 MOTION_MODULE_FILE = "easyanimate_v1_mm.safetensors"
 CHECKPOINT_2D_FILE = "easyanimate_t2i.safetensors"

@@ -7,7 +7,6 @@ T5 Linear layers of self-attention and feed-forward blocks. Every module has `lo
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -110,14 +109,3 @@ class LoRANetwork(nn.Module):
             module.load_state_dict({k: state[f"{name}.{k}"] for k in module.state_dict()})
 
 
-def kohya_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """sd-webui-additional-networks hashes of the file the tensors make (no ss_ metadata here):
-    sshs_model_hash = sha256 of the tensor data section; sshs_legacy_hash = first 8 hex of the sha256 of the
-    64 KiB at offset 1 MiB of the whole file."""
-    from safetensors.torch import save
-
-    blob = save(tensors, {})
-    header_len = int.from_bytes(blob[:8], "little")
-    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
-    legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
