@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MotionModuleConfig
-from .ops import TorchOps, sdpa_attention
+from .ops import TorchOps, chunked_rows, sdpa_attention
 
 
 def sinusoidal_temporal_pe(max_len: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -75,6 +75,9 @@ class GEGLUFeedForward(nn.Module):
         ])
 
     def forward(self, x):
+        return chunked_rows(self._forward, x)
+
+    def _forward(self, x):
         for layer in self.net:
             x = layer(x)
         return x

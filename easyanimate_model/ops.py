@@ -3,9 +3,14 @@
 The model builds every Linear / LayerNorm / GroupNorm / Conv2d from an `operations` object and calls an injected
 attention function, so ComfyUI can pass `comfy.ops.*` (weight casting, no init) and its `optimized_attention`.
 """
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# tokens per feed-forward call: bounds the [tokens, 8C] GEGLU intermediate (80 frames at 512 px = 164k tokens)
+FF_CHUNK_TOKENS = 4096
 
 
 class TorchOps:
@@ -28,3 +33,16 @@ def sdpa_attention(q, k, v, heads, mask=None, **kwargs):
     q, k, v = (t.view(b, -1, heads, dim).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, nq, inner)
+
+
+def chunked_rows(fn, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """fn(x) for a row-wise fn, evaluated over at most `rows` (default FF_CHUNK_TOKENS) rows at a time.
+
+    Caps the size of wide intermediates (e.g. the 4C/8C feed-forward hidden state of every token of a video).
+    """
+    rows = rows or FF_CHUNK_TOKENS
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] <= rows:
+        return fn(x)
+    out = torch.cat([fn(part) for part in flat.split(rows)])
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
-from .ops import TorchOps, sdpa_attention
+from .ops import TorchOps, chunked_rows, sdpa_attention
 
 # timestep sinusoid width of PixArt's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`
 TIMESTEP_CHANNELS = 256
@@ -146,6 +146,9 @@ class GELUFeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Identity(), operations.Linear(dim * mult, dim, dtype=dtype, device=device)])
 
     def forward(self, x):
+        return chunked_rows(self._forward, x)
+
+    def _forward(self, x):
         return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
 
 
@@ -164,7 +167,7 @@ class TransformerBlock(nn.Module):
         self.ff = GELUFeedForward(dim, operations, dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.empty(6, dim, dtype=dtype, device=device))
 
-    def forward(self, x, t6, context, context_mask, num_frames, height, width):
+    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True):
         """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None."""
         b, _, c = x.shape
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
@@ -173,7 +176,7 @@ class TransformerBlock(nn.Module):
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_msa) + shift_msa
         attn = self.attn1(n.view(b * num_frames, height * width, c)).view(b, -1, c)  # per frame
         x = x + gate_msa * attn
-        if self.attn_temporal is not None:
+        if temporal and self.attn_temporal is not None:
             x = self.attn_temporal(x, num_frames, height, width)
         x = x + self.attn2(x, context, context_mask)
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
@@ -256,10 +259,12 @@ class Transformer3DModel(nn.Module):
         out = self.forward_frames(frames, timestep, encoder_hidden_states, encoder_attention_mask, num_frames=f)
         return out.view(b, f, -1, h, w).transpose(1, 2)
 
-    def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1):
+    def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1,
+                       temporal=True):
         """x [(B*F), C, H, W] (row b*F+f) -> [(B*F), out_channels, H, W].
 
         `timestep`: a number, [B], or [B*F] (one value per row, as ComfyUI passes it; the first frame's is used).
+        `temporal=False` skips the motion module (a host can then run one set of weights with and without it).
         """
         cfg = self.config
         bf, channels, height, width = x.shape
@@ -293,7 +298,7 @@ class Transformer3DModel(nn.Module):
             mask = (1 - keep) * -10000.0
 
         for block in self.transformer_blocks:
-            args = (tokens, t6, context, mask, f, hp, wp)
+            args = (tokens, t6, context, mask, f, hp, wp, temporal)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
