@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 
@@ -62,29 +61,9 @@ class EasyAnimateDiT(Transformer3DModel):
         context = context[::frames]
         if attention_mask is not None:
             attention_mask = attention_mask[::frames]
-        out = self.run(x, timesteps, context, attention_mask, frames,
-                       temporal=transformer_options.get(TEMPORAL_OPTION, False))
+        out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
+                                  temporal=transformer_options.get(TEMPORAL_OPTION, False))
         return out[:, :self.config.in_channels]
-
-    def run(self, x, timesteps, context, attention_mask, num_frames, temporal):
-        """forward_frames with one context row per video; `temporal=False` skips the motion module."""
-        with self._motion_module_enabled(temporal):
-            return self.forward_frames(x, timesteps, context, attention_mask, num_frames=num_frames)
-
-    @contextlib.contextmanager
-    def _motion_module_enabled(self, enabled):
-        # PRIVATE ADAPTER (until Transformer3DModel.forward_frames takes `temporal=`): the blocks run attn_temporal
-        # when they have one, so for one call it is taken out and put back.
-        if enabled:
-            yield
-            return
-        removed = [(block, block._modules.pop("attn_temporal")) for block in self.transformer_blocks
-                   if "attn_temporal" in block._modules]
-        try:
-            yield
-        finally:
-            for block, module in removed:
-                block._modules["attn_temporal"] = module
 
 
 class EasyAnimateBaseModel(comfy.model_base.BaseModel):

@@ -126,8 +126,9 @@ class EasyAnimateSampler:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 b, c, f, h, w = x.shape
                 rows = x.transpose(1, 2).reshape(b * f, c, h, w).to(device, dtype)
-                out = dit.run(rows, timestep.to(device), context.to(device, dtype),
-                              None if context_mask is None else context_mask.to(device), f, temporal)
+                out = dit.forward_frames(rows, timestep.to(device), context.to(device, dtype),
+                                         None if context_mask is None else context_mask.to(device), num_frames=f,
+                                         temporal=temporal)
                 return out.float().view(b, f, -1, h, w).transpose(1, 2)
 
             preview = latent_preview.prepare_callback(model, steps)
