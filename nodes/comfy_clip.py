@@ -22,7 +22,6 @@ import comfy.text_encoders.t5
 from ..easyanimate_model.text import MAX_LENGTH, preprocess_prompt
 
 CLIP_NAME = "t5xxl"  # attribute name of the encoder inside the CLIP model (LoRA patch keys start with it)
-COMFY_T5_CONFIG = os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json")
 COMFY_T5_TOKENIZER = os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_tokenizer")
 TEXT_ENCODER_DEVICES = ("default", "cpu")
 # transformers' T5 activation names -> comfy.text_encoders.t5 names

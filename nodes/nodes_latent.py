@@ -35,7 +35,10 @@ class EasyAnimateEmptyLatent:
                                "tooltip": "Video height in pixels (multiple of 32)."}),
             "frames": ("INT", {"default": 80, "min": 1, "max": 4096, "tooltip":
                                "Frames per video (the released motion module was trained with 80 frames at 12 fps)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Number of videos."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                                   "Number of videos (EasyAnimateSampler; core KSampler sees the whole batch as one "
+                                   "video). The seed's noise is drawn once for the batch: the first video equals the "
+                                   "batch_size 1 video of that seed."}),
         }}
 
     @classmethod

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError, ShardedCheckpoint
 from ..easyanimate_model.text import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_LENGTH, preprocess_prompt
 from . import model_files
-from .comfy_clip import (COMFY_T5_CONFIG, COMFY_T5_TOKENIZER, TEXT_ENCODER_DEVICES, EasyAnimateTokenizerBase,
+from .comfy_clip import (COMFY_T5_TOKENIZER, TEXT_ENCODER_DEVICES, EasyAnimateTokenizerBase,
                          build_clip, comfy_t5_config, read_hf_config)
 
 log = logging.getLogger("EasyAnimate")
@@ -38,9 +38,31 @@ def load_t5_from_pipeline(folder: str, device: str):
     return build_clip(_t5_state_dict(weights), config, tokenizer_dir, device, encoder_dir)
 
 
+def t5_config_from_shapes(shapes: dict, source: str) -> dict:
+    """comfy.text_encoders.t5 config of a single T5 encoder file, read from its weight shapes (T5-XXL for the usual
+    t5xxl files; other sizes of the T5 v1.1 layout work too). Heads come from the relative-attention bias."""
+    embed = shapes.get("shared.weight") or shapes.get("encoder.embed_tokens.weight")
+    bias = shapes.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    if embed is None or bias is None:
+        raise EasyAnimateLoadError(f"{source}: expected a T5 encoder with 'shared.weight' (or "
+                                   f"'encoder.embed_tokens.weight') and the block-0 relative_attention_bias, found "
+                                   f"keys like {sorted(shapes)[:3]}")
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+    wi = "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"
+    if wi not in shapes:
+        raise EasyAnimateLoadError(f"{source}: expected T5 feed-forward weights ({wi}), not found")
+    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block."))
+    heads = bias[1]
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    return comfy_t5_config({"model_type": "t5", "vocab_size": embed[0], "d_model": embed[1], "num_layers": layers,
+                            "num_heads": heads, "d_kv": inner // heads, "d_ff": shapes[wi][0],
+                            "relative_attention_num_buckets": bias[0],
+                            "feed_forward_proj": "gated-gelu" if gated else "relu"}, source)
+
+
 def load_t5_from_file(path: str, device: str):
-    """CLIP from a single T5-XXL encoder file (text_encoders/, e.g. t5xxl_fp16.safetensors): ComfyUI's T5-XXL
-    config and its bundled T5 tokenizer (same vocabulary as PixArt's)."""
+    """CLIP from a single T5 encoder file (text_encoders/, e.g. t5xxl_fp16.safetensors; HF T5 key names): the size
+    read from the weights and ComfyUI's bundled T5 tokenizer (same vocabulary as PixArt's)."""
     weights = CheckpointFile(path)
     if "encoder.block.0.layer.0.SelfAttention.q.weight" not in weights.shapes:
         raise EasyAnimateLoadError(f"{path}: expected a T5 encoder (keys 'encoder.block.N.layer...'), found keys like "
@@ -48,7 +70,7 @@ def load_t5_from_file(path: str, device: str):
     if "scaled_fp8" in weights.shapes:
         raise EasyAnimateLoadError(f"{path}: scaled-fp8 T5 files are not supported here; use an fp16/bf16/fp8 "
                                    f"t5xxl file")
-    config = comfy_t5_config(read_hf_config(COMFY_T5_CONFIG) | {"feed_forward_proj": "gated-gelu"}, COMFY_T5_CONFIG)
+    config = t5_config_from_shapes(weights.shapes, path)
     return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path)
 
 

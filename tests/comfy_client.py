@@ -65,6 +65,7 @@ class QueueResult:
     status_str: str            # "success" or "error" (an interrupt is "error" too)
     outputs: dict = field(default_factory=dict)   # node id -> ui output (images, videos, text...)
     error: dict = None         # the execution_error message data, or None
+    previews: list = field(default_factory=list)  # binary websocket frames (latent previews), raw bytes
 
     @property
     def message_types(self):
@@ -125,7 +126,9 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
-               "--database-url", "sqlite:///:memory:", *self.extra_args]
+               "--database-url", "sqlite:///:memory:",
+               # latent previews as in a UI setup (core default: none); extra_args can override it
+               "--preview-method", "latent2rgb", *self.extra_args]
         # models are local files only: never reach for a hub
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1")
@@ -254,7 +257,7 @@ class ComfyServer:
         ws_url = self.url.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
         deadline = time.monotonic() + timeout
         ws = websocket.create_connection(ws_url, timeout=timeout)
-        messages = []
+        messages, previews = [], []
         try:
             status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id})
             if status != 200:
@@ -271,6 +274,7 @@ class ComfyServer:
                 except websocket.WebSocketTimeoutException:
                     continue
                 if isinstance(raw, bytes):  # binary frames are latent previews
+                    previews.append(raw)
                     continue
                 msg = json.loads(raw)
                 data = msg.get("data") or {}
@@ -294,7 +298,8 @@ class ComfyServer:
         errors = [m["data"] for m in messages if m.get("type") == "execution_error"]
         return QueueResult(prompt_id=prompt_id, messages=messages, history=history,
                            status_str=history.get("status", {}).get("status_str", ""),
-                           outputs=history.get("outputs", {}), error=errors[0] if errors else None)
+                           outputs=history.get("outputs", {}), error=errors[0] if errors else None,
+                           previews=previews)
 
 
 def pick_option(options, preferred=()):
