@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import re
 import struct
@@ -472,14 +473,29 @@ def _motion_plan(weights) -> dict:
 def _as_config(config, motion_module) -> TransformerConfig:
     if isinstance(config, TransformerConfig):
         return config
+    if isinstance(config, (str, os.PathLike)):
+        config = _read_config_path(Path(config))
     if isinstance(config, dict):
         check_diffusers_config(config, "config")
         try:
             return TransformerConfig.from_diffusers(config, motion_module)
         except ValueError as e:
             raise EasyAnimateLoadError(f"config: {e}") from None
-    raise EasyAnimateLoadError(f"config: expected a TransformerConfig or a diffusers config dict, found "
-                               f"{type(config).__name__}")
+    raise EasyAnimateLoadError(f"config: expected a TransformerConfig, a diffusers config dict or the path of a "
+                               f"config.json / transformer / pipeline folder, found {type(config).__name__}")
+
+
+def _read_config_path(path: Path) -> dict:
+    """config= as a path: a config.json, a transformer folder, or a pipeline folder (uses transformer/config.json),
+    e.g. the PixArt folder's config for a single-file checkpoint such as the portrait one."""
+    for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, ValueError) as e:
+                raise EasyAnimateLoadError(f"config: cannot read {candidate}: {e}") from None
+    raise EasyAnimateLoadError(f"config: expected a config.json, a transformer folder or a pipeline folder, found "
+                               f"no config.json at {path}")
 
 
 def _validate(shapes: dict, expected: dict, source: str, optional=frozenset()):
@@ -577,7 +593,7 @@ def load_transformer(path, motion_module=None, config=None, dtype=torch.float32,
     `config=TransformerConfig(..., motion_module=MotionModuleConfig())` it gives the 3D model with an untrained,
     identity motion module (with a warning). An explicit 2D config with motion-module weights is an error.
 
-    Config: `config` (TransformerConfig or diffusers dict) if given, else the folder's config.json, else inferred
+    Config: `config` (TransformerConfig, diffusers dict, or a config.json / transformer / pipeline folder path) if given, else the folder's config.json, else inferred
     from shapes (real PixArt-XL-2 sizes only). `motion_module=` keeps keys containing 'temporal'; a full checkpoint
     given there contributes only those (warning). Missing `pos_encoder.pe` buffers are recomputed.
     """

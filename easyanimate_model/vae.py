@@ -124,17 +124,18 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 1, tiled: bool = Fal
     if chunk < 1:
         raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
     b, c, f, h, w = latents.shape
-    frames = (latents / SCALING_FACTOR).transpose(1, 2).reshape(b * f, c, h, w)
+    # multiply by the reciprocal and map to 0..1 in the VAE's dtype: the original's exact op order (bit-exact parity)
+    frames = (latents * (1 / SCALING_FACTOR)).transpose(1, 2).reshape(b * f, c, h, w)
     frames = frames.to(device=_vae_device(vae), dtype=_vae_dtype(vae))
     was_tiled = vae.use_tiling
     vae.enable_tiling() if tiled else vae.disable_tiling()
     try:
-        decoded = [vae.decode(frames[i:i + chunk]).sample.cpu().float() for i in range(0, b * f, chunk)]
+        decoded = [(vae.decode(frames[i:i + chunk]).sample / 2 + 0.5).clamp(0, 1).cpu().float()
+                   for i in range(0, b * f, chunk)]
     finally:
         vae.enable_tiling() if was_tiled else vae.disable_tiling()
     video = torch.cat(decoded)
-    video = video.view(b, f, *video.shape[1:]).transpose(1, 2)
-    return (video / 2 + 0.5).clamp(0, 1)
+    return video.view(b, f, *video.shape[1:]).transpose(1, 2)
 
 
 @torch.no_grad()

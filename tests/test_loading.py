@@ -175,6 +175,16 @@ def test_diffusers_transformer_and_pipeline_folders(tmp_path, reference, config2
     assert_matches(model, reference, "base2d_per_frame")
 
 
+def test_config_given_as_path_of_a_folder_or_config_json(tmp_path, reference, config2d, base_sd):
+    # a single-file checkpoint (like the portrait one) loaded with the PixArt folder's own config
+    pipe = tmp_path / "PixArt-XL-2-512x512"
+    write_transformer_folder(pipe / "transformer", config2d, base_sd)
+    for config in (pipe, pipe / "transformer", pipe / "transformer" / "config.json"):
+        assert_matches(load_transformer(BASE, motion_module=MM, config=config), reference, "full")
+    with pytest.raises(EasyAnimateLoadError, match="no config.json at"):
+        load_transformer(BASE, config=tmp_path / "nowhere")
+
+
 def test_sharded_and_bin_transformer_folders(tmp_path, reference, config2d, base_sd):
     sharded = tmp_path / "sharded"
     sharded.mkdir()
