@@ -593,8 +593,9 @@ def load_transformer(path, motion_module=None, config=None, dtype=torch.float32,
     `config=TransformerConfig(..., motion_module=MotionModuleConfig())` it gives the 3D model with an untrained,
     identity motion module (with a warning). An explicit 2D config with motion-module weights is an error.
 
-    Config: `config` (TransformerConfig, diffusers dict, or a config.json / transformer / pipeline folder path) if given, else the folder's config.json, else inferred
-    from shapes (real PixArt-XL-2 sizes only). `motion_module=` keeps keys containing 'temporal'; a full checkpoint
+    Config: `config` (TransformerConfig, diffusers dict, or the path of a config.json / transformer folder /
+    pipeline folder) if given, else the folder's config.json, else inferred from shapes (real PixArt-XL-2 sizes
+    only). `motion_module=` keeps keys containing 'temporal'; a full checkpoint
     given there contributes only those (warning). Missing `pos_encoder.pe` buffers are recomputed.
     """
     cfg, state = read_transformer(path, motion_module, config, dtype, device)
