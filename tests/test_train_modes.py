@@ -4,18 +4,22 @@ import logging
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import easyanimate_model as ea
 from easyanimate_model.lora import t5_lora_modules, transformer_lora_modules
-from easyanimate_model.tiny import write_release_files
+from easyanimate_model.tiny import TINY_CONFIG, write_release_files
 from easyanimate_model.train.cli import parse_args
 from easyanimate_model.train.data import DatasetError
-from easyanimate_model.train.loop import Trainer
+from easyanimate_model.train.loop import LaunchError, Trainer
+
+REPO_DIR = Path(__file__).resolve().parents[1]
 
 iio = pytest.importorskip("imageio.v3")
 
@@ -49,13 +53,18 @@ def dataset(tmp_path_factory):
 
 
 def make_args(release, dataset, out, mode, meta, *extra):
-    return parse_args([
+    return parse_args(cli_args(release, dataset, out, mode, meta, *extra))
+
+
+def cli_args(release, dataset, out, mode, meta, *extra):
+    """The command line of a tiny run on CPU (fp32, constant lr, rank-4 LoRA)."""
+    return [
         "--mode", mode, "--pretrained_model_name_or_path", str(release["pipeline"]),
         "--train_data_dir", str(dataset), "--train_data_meta", str(dataset / meta), "--output_dir", str(out),
         "--sample_size", "32", "--sample_n_frames", "4", "--sample_stride", "2", "--train_batch_size", "2",
         "--learning_rate", "2e-3", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", "no",
         "--checkpointing_steps", "100", "--rank", "4", "--network_alpha", "4", "--seed", "0", "--device", "cpu",
-        *extra])
+        *extra]
 
 
 def fixed_loss(trainer, draws=6):
@@ -91,8 +100,9 @@ def test_help_imports_no_torch():
     code = ("import sys, runpy; sys.argv = ['x', '--help']\n"
             "try:\n    runpy.run_module('easyanimate_model.train', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported by --help'")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            "heavy = {'torch', 'accelerate', 'diffusers', 'transformers'} & set(sys.modules)\n"
+            "assert not heavy, f'--help imported {heavy}'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_DIR)
     assert out.returncode == 0, out.stderr
     assert "--pretrained_model_name_or_path" in out.stdout and "--mode" in out.stdout
 
@@ -159,6 +169,11 @@ def test_t2i_training(release, dataset, tmp_path, caplog):
     for name, p in model.named_parameters():
         assert torch.equal(loaded.state_dict()[name], trainer.ema.shadow[name]), name
     no_warnings(caplog, ea.load_transformer, result["outputs"]["transformer"])
+    # like the portrait checkpoint: the 2D file under a motion module gives the video model with both
+    video = no_warnings(caplog, ea.load_transformer, ckpt, motion_module=release["motion_module"], config=TINY_CONFIG)
+    motion = load_file(release["motion_module"])
+    for k, v in video.state_dict().items():
+        assert torch.equal(v, motion[k] if "temporal" in k else loaded.state_dict()[k]), k
 
 
 def test_lora_training_with_text_encoder(release, dataset, tmp_path, caplog):
@@ -219,3 +234,46 @@ def test_resume_continues_the_same_loss_curve(release, dataset, tmp_path):
     a, b = (safe_open(p, "pt") for p in (straight["outputs"]["lora"], result["outputs"]["lora"]))
     for k in a.keys():
         assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+    # a checkpoint holds one RNG stream and data position per process: another process count is refused
+    state_file = tmp_path / "b" / "checkpoint-6" / "training_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    torch.save({**state, "processes": 2}, state_file)
+    with pytest.raises(LaunchError, match="2 process.*this run has 1; resume with the same number"):
+        Trainer(make_args(release, dataset, tmp_path / "b", "lora", "images.json", *extra_b,
+                          "--resume_from_checkpoint", "latest")).run()
+
+
+def test_low_learning_rate_group_steps_a_tenth(release, dataset, tmp_path):
+    # Adam's first step moves every weight with a clear gradient by about its learning rate (g / |g|)
+    args = make_args(release, dataset, tmp_path, "t2i", "images.json", "--max_train_steps", "1",
+                     "--trainable_modules_low_learning_rate", "caption_projection", "--adam_weight_decay", "0")
+    trainer = Trainer(args)
+    before = {n: p.detach().clone() for n, p in trainer.models.trainable.items()}
+    trainer.run()
+    lr = args.learning_rate
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [lr, lr / 10]
+    low = {n for n in before if "caption_projection" in n}
+    assert {id(p) for p in trainer.optimizer.param_groups[1]["params"]} == {id(trainer.models.trainable[n])
+                                                                          for n in low}
+    for names, expected in ((set(before) - low, lr), (low, lr / 10)):
+        step = max(float((trainer.models.trainable[n].detach() - before[n]).abs().max()) for n in names)
+        assert step == pytest.approx(expected, rel=1e-3), (expected, step)
+
+
+def cpu_fp16_autocast_works():
+    with torch.autocast("cpu", dtype=torch.float16):
+        return torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float16
+
+
+def test_fp16_mixed_precision_with_loss_scaling(release, dataset, tmp_path):
+    if not cpu_fp16_autocast_works():
+        pytest.skip(f"torch {torch.__version__} has no float16 autocast on CPU")
+    args = make_args(release, dataset, tmp_path, "lora", "images.json", "--max_train_steps", "2",
+                     "--mixed_precision", "fp16")
+    trainer, result, before, after = train_and_measure(args)
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
+    assert all(np.isfinite(result["losses"])) and after < before, (before, after)
+    assert all(p.dtype == torch.float32 for p in trainer.models.trainable.values())  # fp32 master weights
+    with safe_open(result["outputs"]["lora"], "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}

@@ -145,9 +145,9 @@ def main(argv=None):
     args = parse_args(argv)
     from ..loading import EasyAnimateLoadError
     from .data import DatasetError
-    from .loop import train
+    from .loop import LaunchError, train
 
     try:
         return train(args)
-    except (DatasetError, EasyAnimateLoadError) as e:
+    except (DatasetError, EasyAnimateLoadError, LaunchError) as e:
         raise SystemExit(f"error: {e}") from None

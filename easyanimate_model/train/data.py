@@ -93,6 +93,11 @@ class SkipLog:
     def load_state_dict(self, state: dict):
         self.items = dict(state)
 
+    def merge(self, items: dict):
+        """Add another log's items (another process's skips) without warning again."""
+        for item, reason in items.items():
+            self.items.setdefault(item, reason)
+
 
 # ----------------------------------------------------------------------------------------------------------- metadata
 

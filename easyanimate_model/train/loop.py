@@ -2,9 +2,13 @@
 exact resume and validation samples (spec D).
 
 Exact resume: a checkpoint holds the trainable weights in fp32, optimizer / scheduler / scaler / EMA state, every
-RNG state (python, numpy, torch, CUDA and the training generator that draws noise, timesteps and VAE samples) and the
-data position (epoch, batches consumed). Batches and their augmentations depend only on (seed, epoch, batch index)
-(data.py), so a resumed run continues the uninterrupted loss curve exactly.
+RNG state of every process (python, numpy, torch, CUDA and the training generator that draws noise, timesteps and VAE
+samples) and the data position (epoch, batches consumed). Batches and their augmentations depend only on (seed,
+epoch, batch index) (data.py), so a resumed run continues the uninterrupted loss curve exactly.
+
+Several processes (`accelerate launch`, see Runtime): process r of W takes batches r, r+W, ... of each epoch and
+draws noise from seed + r; gradients are summed before each step, so the replicas stay equal; only the main process
+logs progress, validates and writes files.
 """
 from __future__ import annotations
 
@@ -31,50 +35,142 @@ from .lora_network import LoRANetwork
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
+RNG_FILE = "rng_state_{rank}.pt"  # one per process
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------------- runtime
 
-class Runtime:
-    """Single process, or `accelerate` (imported lazily) when it is installed: device, rank, DDP wrapping."""
+class LaunchError(RuntimeError):
+    """The process setup cannot train correctly (e.g. several processes without a process group)."""
 
-    def __init__(self, device: str | None):
-        self.accelerator = None
-        try:
-            from accelerate import Accelerator
-        except ImportError:
-            Accelerator = None
-        if Accelerator is not None and device is None:
-            # autocast and loss scaling are done here, so accelerate only handles processes and devices
-            self.accelerator = Accelerator(mixed_precision="no")
-            self.device = self.accelerator.device
-            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+
+def launched_world_size() -> int:
+    """Processes started by torchrun / `accelerate launch --multi_gpu` (WORLD_SIZE) or mpirun (PMI/OMPI sizes)."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+class Runtime:
+    """The process this trainer runs in: device, rank, world size, and the collectives that keep replicas equal.
+
+    Several processes each train a full replica on their own share of the batches; gradients are summed across
+    processes before every optimizer step (in float32 buckets, like DDP's all-reduce but after backward), so all
+    replicas take the same step. `accelerate` only sets up the process group and the device.
+    """
+
+    BUCKET_ELEMENTS = 1 << 24  # gradients are all-reduced in flat buckets of at most this many elements
+
+    def __init__(self, device: str | torch.device | None = None, accelerator=None):
+        self.accelerator = accelerator
+        if accelerator is not None:
+            self.device = accelerator.device
+            self.rank, self.world = accelerator.process_index, accelerator.num_processes
         else:
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.rank, self.world = 0, 1
+
+    @classmethod
+    def from_environment(cls, device: str | None) -> "Runtime":
+        """accelerate when installed (always when several processes were launched), else one plain process.
+
+        `--device cpu` under a launcher trains on CPU with the gloo backend; other explicit devices are only for a
+        single process (accelerate picks one GPU per process).
+        """
+        world = launched_world_size()
+        try:
+            from accelerate import Accelerator
+        except ImportError:
+            if world > 1:
+                raise LaunchError(f"{world} processes were launched (WORLD_SIZE={world}) but accelerate is not "
+                                  "installed: install accelerate, or run one process") from None
+            return cls(device)
+        if world == 1 and device is not None:
+            return cls(device)
+        if device not in (None, "cpu"):
+            raise LaunchError(f"--device {device}: under a multi-process launch each process gets its device from "
+                              "accelerate; leave --device out (or use --device cpu)")
+        if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ:
+            # `accelerate launch --cpu --num_processes N` without --mpirun_hostfile starts a single process
+            logger.warning("accelerate launch --cpu started one process: several CPU processes need mpirun "
+                           "(--mpirun_hostfile) or `accelerate launch --multi_gpu --num_processes N ... --device cpu`")
+        # without CUDA accelerate only forms a process group when told to use the CPU
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        accelerator = Accelerator(cpu=cpu, mixed_precision="no")  # autocast and loss scaling are done here
+        if accelerator.num_processes != world:
+            raise LaunchError(f"{world} processes were launched but accelerate formed a group of "
+                              f"{accelerator.num_processes} ({accelerator.distributed_type}); every process would "
+                              "train alone and overwrite the others' files")
+        return cls(accelerator=accelerator)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def wrap(self, module):
-        return self.accelerator.prepare(module) if self.accelerator is not None and self.world > 1 else module
+    def _dist(self):
+        import torch.distributed as dist
 
-    def no_sync(self, wrapped, sync: bool):
-        if self.world > 1 and not sync:
-            return wrapped.no_sync()
-        return contextlib.nullcontext()
-
-    def mean_across(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], device=self.device)
-        return float(self.accelerator.gather(t).mean())
+        return dist
 
     def barrier(self):
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
+        if self.world > 1:
+            self._dist().barrier()
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over processes."""
+        if self.world > 1:
+            self._dist().all_reduce(tensor)
+        return tensor
+
+    def broadcast_(self, tensors):
+        """Rank 0's values into every process (replicas start equal whatever their initialisation)."""
+        if self.world > 1:
+            for t in tensors:
+                self._dist().broadcast(t.data, src=0)
+
+    def sum_gradients_(self, params):
+        """In-place sum of the gradients over processes; a missing gradient counts as zeros."""
+        if self.world == 1:
+            return
+        bucket, size = [], 0
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            bucket.append(p.grad)
+            size += p.grad.numel()
+            if size >= self.BUCKET_ELEMENTS:
+                self._sum_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._sum_bucket(bucket)
+
+    def _sum_bucket(self, grads):
+        flat = self.sum_(torch.cat([g.reshape(-1).float() for g in grads]))
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
+
+    def check_replicas(self, tensors):
+        """Raise if the processes' copies differ (a lost gradient sync would otherwise go unnoticed)."""
+        if self.world == 1:
+            return
+        dist = self._dist()
+        local = torch.stack([t.detach().double().sum() for t in tensors])
+        high, low = local.clone(), local.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        differ = ~torch.isclose(high, low, rtol=0, atol=0, equal_nan=True)
+        if differ.any():
+            raise RuntimeError(f"the {self.world} processes hold different trainable weights "
+                               f"({int(differ.sum())} of {len(local)} tensors differ): replicas diverged")
+
+    def gather_objects(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self._dist().all_gather_object(out, obj)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------- EMA
@@ -332,6 +428,7 @@ class Trainer:
         np.random.seed(args.seed)
         self.device = self.rt.device
         self.models = build_models(args, self.device)
+        self.rt.broadcast_(self.models.trainable.values())
         self.generator = torch.Generator(self.device).manual_seed(args.seed + self.rt.rank)
         self.encoders = FrozenEncoders(self.models, args, self.device, self.generator)
         self.diffusion = GaussianDiffusion()
@@ -345,8 +442,6 @@ class Trainer:
         self.autocast_dtype = WEIGHT_DTYPES[args.mixed_precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.mixed_precision == "fp16")
         self.ema = EMA(self.models.trainable, args.ema_decay) if args.use_ema else None
-        self.wrapped = self.rt.wrap(self.models.network if self.models.network is not None
-                                    else self.models.transformer)
         self.global_step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.losses: list[float] = []  # one mean loss per optimizer step (tests compare curves)
 
@@ -363,8 +458,23 @@ class Trainer:
             out = m.transformer(xt, t, embeds, mask)
         return self.diffusion.training_losses(out, latents, xt, t, noise)["loss"].mean()
 
-    def optimizer_step(self):
+    def optimizer_step(self, loss_sum: float, batches: int, samples: int) -> dict | None:
+        """One step on the gradients accumulated over the window (`batches` non-empty micro-batches of this
+        process, each backpropagated as loss / accumulation steps). Returns the window's totals over all processes,
+        or None when no process had data (no step)."""
+        totals = self.rt.sum_(torch.tensor([loss_sum, batches, samples], dtype=torch.float64, device=self.device))
+        loss_sum, batches, samples = totals.tolist()
+        if batches == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         params = list(self.models.trainable.values())
+        # summed before unscale_, so every process sees the same inf/nan and the scaler skips the step everywhere
+        self.rt.sum_gradients_(params)
+        factor = self.args.gradient_accumulation_steps / batches  # 1 without skipped batches on one process
+        if factor != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
         self.scaler.unscale_(self.optimizer)
         if self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm)
@@ -374,20 +484,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.models.trainable)
+        return {"loss": loss_sum / batches, "samples": samples}
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def merge_skips(self):
+        """Every process learns the media the others skipped (checkpoints and the summary count them all)."""
+        for items in self.rt.gather_objects(self.skips.state_dict()):
+            self.skips.merge(items)
+
     def save_checkpoint(self):
         args = self.args
         path = os.path.join(args.output_dir, f"checkpoint-{self.global_step}")
+        self.merge_skips()
+        self.rt.check_replicas(self.models.trainable.values())
+        # each process draws its own noise: every one saves its RNG states; the main process writes the rest,
+        # STATE_FILE last, so a checkpoint folder with STATE_FILE is complete
+        os.makedirs(path, exist_ok=True)
+        torch.save(_rng_state(self.generator), os.path.join(path, RNG_FILE.format(rank=self.rt.rank)))
+        self.rt.barrier()
         if self.rt.is_main:
-            os.makedirs(path, exist_ok=True)
             export.save_training_weights(self, path)
             state = {
                 "global_step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "rng": _rng_state(self.generator), "skips": self.skips.state_dict(), "losses": self.losses,
-                "mode": args.mode,
+                "skips": self.skips.state_dict(), "losses": self.losses, "mode": args.mode,
+                "processes": self.rt.world,
             }
             torch.save(state, os.path.join(path, STATE_FILE))
             self._prune_checkpoints()
@@ -413,6 +535,10 @@ class Trainer:
         if state["mode"] != self.args.mode:
             raise DatasetError(f"--resume_from_checkpoint {path}: saved by --mode {state['mode']}, "
                                f"not {self.args.mode}")
+        if state["processes"] != self.rt.world:
+            # the data position counts this process's batches and each process has its own RNG stream
+            raise LaunchError(f"--resume_from_checkpoint {path}: saved by a run with {state['processes']} "
+                              f"process(es), this run has {self.rt.world}; resume with the same number")
         export.load_training_weights(self, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -423,7 +549,11 @@ class Trainer:
                                                              state["batch_in_epoch"])
         self.skips.load_state_dict(state["skips"])
         self.losses = list(state["losses"])
-        _set_rng_state(state["rng"], self.generator)
+        rng_file = os.path.join(path, RNG_FILE.format(rank=self.rt.rank))
+        if not os.path.isfile(rng_file):
+            raise LaunchError(f"--resume_from_checkpoint {path}: {os.path.basename(rng_file)} not found; every "
+                              "process writes its own, so --output_dir must be on a filesystem all machines share")
+        _set_rng_state(torch.load(rng_file, weights_only=False), self.generator)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.global_step, self.epoch,
                     self.batch_in_epoch)
 
@@ -479,7 +609,8 @@ class Trainer:
 
         progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.rt.is_main,
                         desc=f"train {args.mode}")
-        micro, step_losses, samples_seen, t0 = 0, [], 0, time.perf_counter()
+        # every batch counts as a micro-batch, also one whose media all failed, so that all processes step together
+        micro, window, samples_seen, t0 = 0, [0.0, 0, 0], 0, time.perf_counter()
         done = self.global_step >= self.total_steps
         while not done and (args.max_train_steps or self.epoch < args.num_train_epochs):
             loader = epoch_loader(self.planner, self.epoch, self.batch_in_epoch, args.dataloader_num_workers,
@@ -488,25 +619,24 @@ class Trainer:
                 self.batch_in_epoch += 1
                 for item, reason in batch["skipped"]:
                     self.skips.add(item, reason)
-                if batch["pixel_values"] is None:
-                    continue
                 micro += 1
-                sync = micro % accum == 0
-                with self.rt.no_sync(self.wrapped, sync):
+                if batch["pixel_values"] is not None:
                     loss = self.forward_loss(batch)
                     self.scaler.scale(loss / accum).backward()
-                step_losses.append(float(loss.detach()))
-                samples_seen += batch["pixel_values"].shape[0]
-                if not sync:
+                    window = [window[0] + float(loss.detach()), window[1] + 1,
+                              window[2] + batch["pixel_values"].shape[0]]
+                if micro % accum:
                     continue
-                self.optimizer_step()
+                totals = self.optimizer_step(*window)
+                window = [0.0, 0, 0]
+                if totals is None:
+                    continue
                 self.global_step += 1
-                self.losses.append(self.rt.mean_across(sum(step_losses) / len(step_losses)))
-                step_losses = []
-                elapsed = time.perf_counter() - t0
+                self.losses.append(totals["loss"])
+                samples_seen += totals["samples"]
                 progress.update(1)
                 progress.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}",
-                                     samples_s=f"{samples_seen * self.rt.world / max(elapsed, 1e-9):.2f}")
+                                     samples_s=f"{samples_seen / max(time.perf_counter() - t0, 1e-9):.2f}")
                 if self.global_step % args.checkpointing_steps == 0:
                     self.save_checkpoint()
                 if self.global_step % args.validation_steps == 0:
@@ -517,16 +647,28 @@ class Trainer:
             if not done:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         progress.close()
+        self.merge_skips()
+        self.rt.check_replicas(self.models.trainable.values())
         outputs = export.save_final(self) if self.rt.is_main else {}
         self.rt.barrier()
         summary = self.skips.summary()
-        (logger.warning if len(self.skips) else logger.info)("data: %s", summary)
         if self.rt.is_main:
-            print(f"training done: {self.global_step} steps; data: {summary}")
+            (logger.warning if len(self.skips) else logger.info)("data: %s", summary)
+            print(f"training done: {self.global_step} steps on {self.rt.world} process(es); data: {summary}")
         return {"outputs": outputs, "losses": self.losses, "global_step": self.global_step,
                 "skipped": len(self.skips), "skip_summary": summary}
 
 
 def train(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return Trainer(args).run()
+    """The command: one process, or one of those `accelerate launch` started (only the main one logs progress and
+    writes files)."""
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if launched_world_size() > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {prefix}%(name)s: %(message)s")
+    runtime = Runtime.from_environment(args.device)
+    if not runtime.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if runtime.is_main and launcher_precision not in ("no", args.mixed_precision):
+        logger.warning("accelerate launch --mixed_precision %s is ignored: this command's --mixed_precision (%s) "
+                       "sets autocast and loss scaling", launcher_precision, args.mixed_precision)
+    return Trainer(args, runtime).run()
