@@ -498,7 +498,8 @@ def _read_config_path(path: Path) -> dict:
                                f"no config.json at {path}")
 
 
-def _validate(shapes: dict, expected: dict, source: str, optional=frozenset()):
+def validate_shapes(shapes: dict, expected: dict, source: str, optional=frozenset()):
+    """Raise EasyAnimateLoadError summarising missing / unexpected keys and shape mismatches (key + both shapes)."""
     missing = set(expected) - set(shapes) - set(optional)
     unexpected = set(shapes) - set(expected)
     mismatched = sorted(k for k in set(shapes) & set(expected) if tuple(shapes[k]) != tuple(expected[k]))
@@ -570,7 +571,7 @@ def read_transformer(path, motion_module=None, config=None, dtype=torch.float32,
     untrained = cfg.motion_module is not None and not has_motion
     if untrained:
         optional |= {k for k in expected if _is_motion_key(k)}
-    _validate(shapes, expected, source, optional)
+    validate_shapes(shapes, expected, source, optional)
 
     state = _read_planned(base, {k: v for k, v in plan.items() if k in shapes and k not in (mm_plan or {})},
                           dtype, device)

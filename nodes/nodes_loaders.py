@@ -6,7 +6,8 @@ import dataclasses
 import logging
 import os
 
-from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError, identify_foreign, read_transformer
+from ..easyanimate_model.loading import (CheckpointFile, EasyAnimateLoadError, identify_foreign, read_transformer,
+                                         validate_shapes)
 from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
 from .comfy_model import WEIGHT_DTYPES, add_weight_patches, build_model_patcher, easyanimate_model
@@ -99,15 +100,8 @@ def _read_motion_module(path: str, model) -> dict:
         raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module (keys "
                                    f"'transformer_blocks.N.attn_temporal...'), found none among {len(weights.keys())} "
                                    f"keys (e.g. {sorted(weights.keys())[:3]})")
-    unexpected = sorted(set(keys) - set(expected))
-    missing = sorted(k for k in set(expected) - set(keys) if not k.endswith("pos_encoder.pe"))
-    mismatched = sorted(k for k in set(keys) & set(expected) if tuple(weights.shapes[k]) != expected[k])
-    if unexpected or missing or mismatched:
-        raise EasyAnimateLoadError(
-            f"{path}: does not fit this transformer's motion module ({len(expected)} keys): "
-            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-            f"{len(mismatched)} with other shapes "
-            f"{[(k, weights.shapes[k], expected[k]) for k in mismatched[:3]]}")
+    optional = {k for k in expected if k.endswith("pos_encoder.pe")}  # absent: the model keeps its computed table
+    validate_shapes({k: weights.shapes[k] for k in keys}, expected, path, optional)
     if len(keys) < len(weights.keys()):
         log.warning("%s: only its %d motion-module keys are used (%d other keys ignored)", path, len(keys),
                     len(weights.keys()) - len(keys))
