@@ -170,13 +170,21 @@ def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu"):
                                    f"file not found")
 
     import transformers
-    from transformers import T5EncoderModel, T5Tokenizer
+    from transformers import T5EncoderModel
 
-    tokenizer = T5Tokenizer.from_pretrained(str(tokenizer_dir), legacy=_tokenizer_legacy(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     # transformers >= 4.56 renamed torch_dtype to dtype
     dtype_kwarg = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
     encoder = T5EncoderModel.from_pretrained(str(encoder_dir), **{dtype_kwarg: dtype})
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(tokenizer_dir):
+    """The slow SentencePiece T5Tokenizer of a tokenizer/ folder (spiece.model; no tokenizer.json needed), as v1."""
+    from transformers import T5Tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    return T5Tokenizer.from_pretrained(str(tokenizer_dir), legacy=_tokenizer_legacy(tokenizer_dir))
 
 
 def _tokenizer_legacy(tokenizer_dir: Path) -> bool:
@@ -198,17 +206,22 @@ def _version_tuple(version: str) -> tuple:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
+def tokenize(tokenizer, prompts, max_length: int = MAX_LENGTH, clean: bool = True, **kwargs):
+    """The pipeline's tokenization: (cleaned) text padded / truncated to `max_length` tokens with EOS and mask."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = [preprocess_prompt(p) if clean else p for p in prompts]
+    return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                     **kwargs)
+
+
 @torch.no_grad()
 def encode_prompt(tokenizer, encoder, prompts, max_length: int = MAX_LENGTH, clean: bool = True):
     """T5 embeddings [B, max_length, C] (encoder dtype) and attention mask [B, max_length] (1 keep, 0 pad).
 
     clean=True applies `preprocess_prompt` (inference); clean=False encodes the raw text (training captions).
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    texts = [preprocess_prompt(p) if clean else p for p in prompts]
-    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
+    tokens = tokenize(tokenizer, prompts, max_length, clean, return_tensors="pt")
     device = next(encoder.parameters()).device
     mask = tokens.attention_mask.to(device)
     embeds = encoder(tokens.input_ids.to(device), attention_mask=mask)[0]

@@ -19,7 +19,7 @@ import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.text_encoders.t5
 
-from ..easyanimate_model.text import MAX_LENGTH, preprocess_prompt
+from ..easyanimate_model.text import load_tokenizer, tokenize
 
 CLIP_NAME = "t5xxl"  # attribute name of the encoder inside the CLIP model (LoRA patch keys start with it)
 COMFY_T5_TOKENIZER = os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_tokenizer")
@@ -55,8 +55,7 @@ class EasyAnimateTokenizerBase:
         pass
 
     def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
-        ids = self.hf_tokenizer(preprocess_prompt(text), padding="max_length", max_length=MAX_LENGTH,
-                                truncation=True, add_special_tokens=True)["input_ids"]
+        ids = tokenize(self.hf_tokenizer, text)["input_ids"][0]
         if return_word_ids:
             return {CLIP_NAME: [[(t, 1.0, 0) for t in ids]]}
         return {CLIP_NAME: [[(t, 1.0) for t in ids]]}
@@ -71,14 +70,14 @@ class EasyAnimateTokenizerBase:
 def tokenizer_class(tokenizer_dir: str):
     """A tokenizer class (what comfy.sd.CLIP instantiates) bound to the T5 tokenizer in `tokenizer_dir`.
 
-    A folder with spiece.model only (the PixArt release) gets the slow SentencePiece T5Tokenizer, as the original;
-    ComfyUI's bundled tokenizer folder (tokenizer.json) gets the fast one. Both give the same ids for the vocab.
+    A folder with spiece.model (the PixArt release) gets the library's slow SentencePiece T5Tokenizer, as the
+    original; ComfyUI's bundled tokenizer folder (tokenizer.json) gets the fast one. Both give the same ids.
     """
-    import transformers
-
     if os.path.isfile(os.path.join(tokenizer_dir, "spiece.model")):
-        hf = transformers.T5Tokenizer.from_pretrained(tokenizer_dir, legacy=True)
+        hf = load_tokenizer(tokenizer_dir)
     else:
+        import transformers
+
         hf = transformers.T5TokenizerFast.from_pretrained(tokenizer_dir)
     return type("EasyAnimateT5Tokenizer", (EasyAnimateTokenizerBase,), {"hf_tokenizer": hf})
 
