@@ -7,7 +7,7 @@ import logging
 
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError
+from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_file
 from ..easyanimate_model.lora import lora_deltas
 from . import model_files
 from .comfy_clip import CLIP_NAME
@@ -61,8 +61,7 @@ class EasyAnimateLoraLoader:
         inner = easyanimate_model(model, NODE)
         path = model_files.full_path(lora_name, "loras")
         try:
-            weights = CheckpointFile(path)
-            state = weights.read(weights.keys())
+            state, _ = load_state_dict_file(path)
             # resolved against the actual modules, so names and shapes are checked
             dit = lora_deltas(state, target="transformer", module_names=inner.diffusion_model)
             te = lora_deltas(state, target="text_encoder", module_names=(

@@ -11,7 +11,7 @@ import comfy.sd
 import comfy.utils
 import comfy.model_management
 
-from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError
+from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_file
 
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -46,8 +46,7 @@ def load_pipeline_vae(vae_dir: str):
         raise EasyAnimateLoadError(f"{vae_dir}: expected VAE weights ({' or '.join(VAE_WEIGHTS)}), found "
                                    f"{sorted(os.listdir(vae_dir))}")
     params = _autoencoder_params(cfg, config_file)
-    checkpoint = CheckpointFile(weights)
-    sd = checkpoint.read(checkpoint.keys())
+    sd, _ = load_state_dict_file(weights)
     blocks = len(params["ddconfig"]["ch_mult"])
     if blocks < 4:
         # core's diffusers->ldm key map numbers decoder blocks for 4; shift so block i lands on ldm up.{blocks-1-i}
