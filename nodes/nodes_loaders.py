@@ -10,7 +10,8 @@ from ..easyanimate_model.loading import (CheckpointFile, EasyAnimateLoadError, i
                                          validate_shapes)
 from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
-from .comfy_model import WEIGHT_DTYPES, add_weight_patches, build_model_patcher, easyanimate_model
+from .comfy_model import WEIGHT_DTYPES
+from .model_patching import add_weight_patches, build_model_patcher, easyanimate_model
 from .comfy_clip import TEXT_ENCODER_DEVICES
 from .nodes_text import load_t5_from_pipeline
 from .nodes_vae import load_pipeline_vae

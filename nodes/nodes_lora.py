@@ -11,7 +11,7 @@ from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_fi
 from ..easyanimate_model.lora import lora_deltas
 from . import model_files
 from .comfy_clip import CLIP_NAME
-from .comfy_model import easyanimate_model
+from .model_patching import easyanimate_model
 
 log = logging.getLogger("EasyAnimate")
 NODE = "EasyAnimateLoraLoader"

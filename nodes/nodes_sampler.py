@@ -12,7 +12,7 @@ import comfy.sampler_helpers
 import latent_preview
 
 from ..easyanimate_model.sampling import SCHEDULERS, make_scheduler, sample
-from .comfy_model import easyanimate_model, motion_module_enabled
+from .model_patching import easyanimate_model, motion_module_enabled
 from .nodes_latent import FRAMES_KEY
 
 log = logging.getLogger("EasyAnimate")

@@ -147,7 +147,10 @@ def test_motion_module_without_pe_buffers_is_recomputed(tmp_path, reference, con
     pe = model.transformer_blocks[0].attn_temporal.temporal_transformer.transformer_blocks[0].attention_blocks[0]
     stored = mm_sd["transformer_blocks.0.attn_temporal.temporal_transformer.transformer_blocks.0.attention_blocks.0"
                    ".pos_encoder.pe"]
-    assert torch.allclose(pe.pos_encoder.pe, stored, atol=1e-5)
+    # fp32 angles p * w lose up to half an ulp of p (2.4e-4 near p = 4096), and libm / SIMD sin implementations
+    # round those differently: tight over the trained 80 positions, within that bound over the whole table
+    assert torch.allclose(pe.pos_encoder.pe[:, :80], stored[:, :80], atol=1e-5)
+    assert torch.allclose(pe.pos_encoder.pe, stored, atol=5e-4)
 
 
 def test_full_checkpoint_as_motion_module_uses_only_motion_keys(tmp_path, reference, config2d, base_sd, mm_sd,

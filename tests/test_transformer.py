@@ -63,7 +63,10 @@ def test_temporal_pe_formula_matches_release_buffers(model3d):
     assert len(pe_keys) == 4
     expected = sinusoidal_temporal_pe(4096, 64)
     for k in pe_keys:
-        torch.testing.assert_close(stored[k], expected, rtol=0, atol=1e-6)
+        # fp32 angles lose half an ulp of the position (2.4e-4 near 4096) and sin implementations (libm / SIMD)
+        # round them differently: tight over the trained 80 frames, within that bound over the whole table
+        torch.testing.assert_close(stored[k][:, :80], expected[:, :80], rtol=0, atol=1e-5)
+        torch.testing.assert_close(stored[k], expected, rtol=0, atol=5e-4)
     assert set(model3d.temporal_state_dict()) == set(stored)
 
 
