@@ -10,9 +10,12 @@ bash "$REPO/scripts/setup_host.sh" "$HOST"
 mkdir -p "$REPO/test_artifacts"
 cd "$REPO"
 export COMFY_HOST_DIR="$HOST"
+# `bash scripts/test.sh tests/test_x.py` runs that file only; without a test path, the whole of tests/
+targets=(tests)
+for arg in "$@"; do [[ "$arg" == tests/* ]] && targets=(); done
 set +e
 # the cache beside the git-ignored /.pytest_cache/, not in tests/ (the rootdir, see tests/pytest.ini)
-"$HOST/venv/bin/python" -m pytest tests -ra -o cache_dir="$REPO/.pytest_cache" --junitxml="$REPO/test_artifacts/junit.xml" "$@"
+"$HOST/venv/bin/python" -m pytest "${targets[@]}" -ra -o cache_dir="$REPO/.pytest_cache" --junitxml="$REPO/test_artifacts/junit.xml" "$@"
 rc=$?
 echo "test.sh: pytest exit code $rc; artifacts in $REPO/test_artifacts/" >&2
 exit $rc
