@@ -4,6 +4,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# The noise schedule every part uses (docs/MODEL.md §C.5, §D.5): betas linear from BETA_START to BETA_END over
+# NUM_TRAIN_TIMESTEPS steps (diffusers "linear", ComfyUI "sqrt_linear", IDDPM "linear" at 1000 steps).
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02
+
 
 @dataclass
 class MotionModuleConfig:

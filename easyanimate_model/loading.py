@@ -16,246 +16,32 @@ held in memory once, in the target dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import pickle
 import re
-import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import MotionModuleConfig, TransformerConfig
+from .errors import EasyAnimateLoadError
+from .files import (CheckpointFile, describe, find_weights, first_names, identify_foreign, open_weights, read_json,
+                    validate_shapes)
 from .motion_module import VanillaTemporalModule
 from .transformer import Transformer3DModel
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# a diffusers model folder's weights, in the order diffusers prefers them
+DIFFUSERS_WEIGHTS = (f"{WEIGHTS_NAME}.safetensors.index.json", f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.bin")
 # PixArt-XL-2 is the only released size; heads cannot be read from shapes, so hidden size -> (heads, head dim)
 KNOWN_HEADS = {1152: (16, 72)}
 DIT_PREFIXES = ("transformer_blocks.", "pos_embed.", "adaln_single.", "caption_projection.", "proj_out.",
                 "scale_shift_table")
 
 
-class EasyAnimateLoadError(ValueError):
-    """A file that cannot be loaded as asked; the message names the file, what was expected and what was found."""
-
-
 _is_motion_key = Transformer3DModel.is_motion_key
-
-
-def _first(names, n=5) -> str:
-    names = sorted(names)
-    more = f", ... ({len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _sniff(path: Path) -> str:
-    """'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save / pickle), or a description of what it is."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if size >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if head.startswith(b"version https://git-lfs"):
-        return "a Git LFS pointer file (the weights were never downloaded)"
-    if head.lstrip()[:1] == b"<":
-        return "an HTML/XML page (a failed download?)"
-    return f"unrecognised content ({size} bytes, starting with {head[:16]!r})"
-
-
-def read_safetensors_header(path) -> tuple[dict[str, tuple[str, tuple]], dict]:
-    """{key: (dtype name, shape)} and the metadata of a safetensors file, validated against the file size."""
-    path = Path(path)
-    size = path.stat().st_size
-    kind = _sniff(path)
-    if kind != "safetensors":
-        what = {"zip": "a PyTorch zip checkpoint (torch.save)", "pickle": "a pickle file"}.get(kind, kind)
-        raise EasyAnimateLoadError(f"{path}: expected a safetensors file, found {what}")
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            raise EasyAnimateLoadError(
-                f"{path}: truncated safetensors file: the header says {header_len} header bytes, the file has only "
-                f"{size} bytes in all (an interrupted download or copy?)")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EasyAnimateLoadError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise EasyAnimateLoadError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    entries, data_end = {}, 0
-    try:
-        for key, info in header.items():
-            entries[key] = (info["dtype"], tuple(info["shape"]))
-            data_end = max(data_end, info["data_offsets"][1])
-    except (KeyError, TypeError, IndexError):
-        raise EasyAnimateLoadError(f"{path}: corrupt safetensors header (entry {key!r}: {info!r})") from None
-    if 8 + header_len + data_end > size:
-        raise EasyAnimateLoadError(
-            f"{path}: truncated safetensors file: the tensors need {8 + header_len + data_end} bytes, the file has "
-            f"{size} (an interrupted download or copy?)")
-    return entries, metadata
-
-
-def _torch_load(path: Path, kind: str) -> dict:
-    try:
-        # mmap keeps a zip checkpoint on disk until each tensor is used (legacy pickles cannot be mapped)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EasyAnimateLoadError(
-            f"{path}: this pickle checkpoint holds Python objects other than tensors, which are not loaded for safety "
-            f"(torch.load(weights_only=True) refused: {first}). Convert it to .safetensors from a trusted "
-            f"environment") from None
-    except Exception as e:  # torch raises RuntimeError / EOFError / ValueError for damaged files
-        raise EasyAnimateLoadError(
-            f"{path}: expected a PyTorch checkpoint (torch.save of a state dict), could not read it: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return _unwrap(obj, path)
-
-
-def _unwrap(obj, path: Path) -> dict:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise EasyAnimateLoadError(f"{path}: expected a state dict (a dict of tensors), found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise EasyAnimateLoadError(
-            f"{path}: expected a state dict (a dict of tensors), found a dict without tensors "
-            f"(keys: {_first(map(str, obj))})")
-    return tensors
-
-
-def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) of a .safetensors file or a pickle checkpoint (.ckpt/.pt/.pth/.bin).
-
-    The format is read from the content, not the name; a `.safetensors` name on something else is an error.
-    Pickles go through `torch.load(weights_only=True)` only; a top-level `"state_dict"` wrapper is unwrapped.
-    """
-    weights = CheckpointFile(path)
-    return weights.read(weights.keys()), weights.metadata
-
-
-class CheckpointFile:
-    """Key names and shapes of one weights file (safetensors: from the header only), tensors read on demand."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise EasyAnimateLoadError(f"{self.path}: expected a weights file, found "
-                                       f"{'a folder' if self.path.is_dir() else 'nothing (no such file)'}")
-        kind = _sniff(self.path)
-        self.metadata: dict = {}
-        self._tensors = None
-        if kind == "safetensors" or self.path.suffix.lower() == ".safetensors":
-            entries, self.metadata = read_safetensors_header(self.path)
-            self.shapes = {k: s for k, (_, s) in entries.items()}
-        elif kind in ("zip", "pickle"):
-            self._tensors = _torch_load(self.path, kind)
-            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-        else:
-            raise EasyAnimateLoadError(
-                f"{self.path}: expected a .safetensors file or a PyTorch checkpoint, found {kind}")
-
-    def keys(self):
-        return list(self.shapes)
-
-    def read(self, keys, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
-        """The tensors of `keys`, each cast to `dtype` (if given) as it is read."""
-        def cast(t):
-            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-        if self._tensors is not None:
-            return {k: cast(self._tensors[k]) for k in keys}
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return {k: cast(f.get_tensor(k)) for k in keys}
-
-
-class ShardedCheckpoint:
-    """The shards of a diffusers `*.safetensors.index.json` as one checkpoint."""
-
-    def __init__(self, index_path: Path):
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EasyAnimateLoadError(f"{index_path}: expected a shard index with a 'weight_map', "
-                                       f"could not read it ({type(e).__name__}: {e})") from None
-        self.path = index_path
-        self.metadata = {}
-        self.shards = {name: CheckpointFile(index_path.parent / name) for name in sorted(set(weight_map.values()))}
-        self._where = {}
-        for name, shard in self.shards.items():
-            for key in shard.keys():
-                self._where[key] = name
-        missing = set(weight_map) - set(self._where)
-        if missing:
-            raise EasyAnimateLoadError(f"{index_path}: the index lists {len(missing)} keys that no shard holds: "
-                                       f"{_first(missing)}")
-        self.shapes = {k: self.shards[n].shapes[k] for k, n in self._where.items()}
-
-    def keys(self):
-        return list(self.shapes)
-
-    def read(self, keys, dtype=None, device="cpu"):
-        out = {}
-        for name, shard in self.shards.items():
-            wanted = [k for k in keys if self._where[k] == name]
-            if wanted:
-                out.update(shard.read(wanted, dtype, device))
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Recognising files that are not EasyAnimate / PixArt-alpha weights
-
-
-def identify_foreign(shapes: dict[str, tuple]) -> str | None:
-    """What a state dict is when it is a known kind of file that is NOT an EasyAnimate/PixArt-alpha transformer."""
-    keys = list(shapes)
-
-    def has(pattern):
-        return next((k for k in keys if re.search(pattern, k)), None)
-
-    lora = has(r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up)\.weight$")
-    if lora:
-        return (f"a LoRA (e.g. '{lora}'), not a model: load it with merge_lora() / the EasyAnimate LoRA loader node "
-                f"on top of a transformer")
-    if has(r"(^|\.)(down|up|mid)_blocks?\.(\d+\.)?motion_modules\."):
-        return ("an AnimateDiff motion module (keys 'down_blocks.N.motion_modules...', for SD1.5 UNets); "
-                "EasyAnimate v1's motion module has keys 'transformer_blocks.N.attn_temporal...'")
-    if has(r"(^|\.)label_emb\."):
-        return "an SDXL UNet checkpoint ('label_emb' keys, 2816-wide class embedding)"
-    if has(r"^(model\.diffusion_model\.)?input_blocks\."):
-        return "a Stable Diffusion 1.x/2.x UNet checkpoint ('model.diffusion_model.input_blocks...' keys)"
-    if has(r"^(unet\.)?down_blocks\.\d+\.resnets\."):
-        return "a diffusers UNet2DConditionModel (Stable Diffusion) ('down_blocks.N.resnets...' keys)"
-    if has(r"^(first_stage_model\.|vae\.)?(encoder\.down|decoder\.up)(_blocks)?\.") and not has(r"transformer_blocks"):
-        return "a VAE ('encoder.down...' / 'decoder.up...' keys); load it with the VAE loader"
-    if has(r"^(encoder\.)?block\.\d+\.layer\.\d+\.(SelfAttention|DenseReluDense)"):
-        return "a T5 text encoder ('encoder.block.N.layer...' keys); load it with the T5 loader"
-    y_emb = shapes.get("y_embedder.y_embedding")
-    if y_emb is not None and y_emb[0] != 120:
-        return (f"a PixArt-Sigma checkpoint (y_embedder.y_embedding has {y_emb[0]} caption tokens; PixArt-alpha, "
-                f"which EasyAnimate v1 is built on, has 120)")
-    micro = has(r"^(csize_embedder|ar_embedder)\.|resolution_embedder\.|aspect_ratio_embedder\.")
-    if micro:
-        return (f"a PixArt model with resolution/aspect-ratio micro-conditions (e.g. '{micro}': PixArt-alpha 1024 "
-                f"or PixArt-Sigma); EasyAnimate v1 uses PixArt-XL-2-512x512, which has none")
-    return None
 
 
 def check_diffusers_config(cfg: dict, source) -> None:
@@ -412,10 +198,7 @@ def _open_model_path(path: Path):
         raise EasyAnimateLoadError(f"{path}: expected a transformer file or a diffusers folder, found nothing there")
     index = path / "model_index.json"
     if index.is_file():
-        try:
-            pipeline_class = json.loads(index.read_text()).get("_class_name", "")
-        except json.JSONDecodeError as e:
-            raise EasyAnimateLoadError(f"{index}: expected a diffusers model_index.json, invalid JSON: {e}") from None
+        pipeline_class = read_json(index, "a diffusers model_index.json").get("_class_name", "")
         if "Sigma" in pipeline_class:
             raise EasyAnimateLoadError(
                 f"{path}: expected a PixArt-alpha / EasyAnimate pipeline, found a {pipeline_class} (PixArt-Sigma); "
@@ -428,20 +211,10 @@ def _open_model_path(path: Path):
     config_file = path / "config.json"
     config = None
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise EasyAnimateLoadError(f"{config_file}: invalid JSON: {e}") from None
+        config = read_json(config_file, "a diffusers transformer config.json")
         check_diffusers_config(config, config_file)
-    for name in (f"{WEIGHTS_NAME}.safetensors.index.json", f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.bin"):
-        candidate = path / name
-        if candidate.is_file():
-            weights = ShardedCheckpoint(candidate) if name.endswith(".json") else CheckpointFile(candidate)
-            return weights, config
-    found = sorted(p.name for p in path.iterdir())[:10]
-    raise EasyAnimateLoadError(
-        f"{path}: expected a diffusers transformer folder ({WEIGHTS_NAME}.safetensors, its .index.json, or "
-        f"{WEIGHTS_NAME}.bin), found {found or 'an empty folder'}")
+    weights = find_weights(path, DIFFUSERS_WEIGHTS, "a diffusers transformer folder")
+    return open_weights(weights), config
 
 
 def _reject_foreign(weights, role: str):
@@ -450,31 +223,47 @@ def _reject_foreign(weights, role: str):
         raise EasyAnimateLoadError(f"{weights.path}: expected {role}, found {what}")
 
 
-def _motion_plan(weights) -> dict:
-    """Plan for a motion-module file: its motion keys; DiT keys of a full checkpoint are ignored with a warning."""
+def motion_module_keys(weights) -> list[str]:
+    """The motion-module keys of a motion-module file (docs/MODEL.md §B.4); a full checkpoint's DiT keys are ignored
+    with a warning, anything else is an error naming the file."""
     _reject_foreign(weights, "an EasyAnimate motion module (transformer_blocks.N.attn_temporal... keys)")
     motion = [k for k in weights.keys() if _is_motion_key(k)]
     others = [k for k in weights.keys() if not _is_motion_key(k)]
     if not motion:
         raise EasyAnimateLoadError(
             f"{weights.path}: expected an EasyAnimate motion module (keys 'transformer_blocks.N.attn_temporal...'), "
-            f"found no motion-module keys among {len(others)} keys ({_first(others)})")
+            f"found no motion-module keys among {len(others)} keys ({first_names(others)})")
     if others:
         unknown = [k for k in others if not k.startswith(DIT_PREFIXES)]
         if unknown:
             raise EasyAnimateLoadError(
                 f"{weights.path}: expected a motion module, found {len(unknown)} keys that are neither motion-module "
-                f"nor DiT keys: {_first(unknown)}")
+                f"nor DiT keys: {first_names(unknown)}")
         log.warning("%s holds a full checkpoint (%d DiT keys besides %d motion-module keys): as motion_module only "
                     "its motion-module keys are used", weights.path, len(others), len(motion))
-    return {k: (k, 0, 1) for k in motion}
+    return motion
+
+
+def read_motion_module(path, config: TransformerConfig, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
+    """The motion-module tensors of `path`, checked against the motion-module keys and shapes of a model built from
+    `config` (which must have a motion module); files without the `pos_encoder.pe` tables are accepted (§B.4)."""
+    if config.motion_module is None:
+        raise ValueError("read_motion_module: config has no motion module (motion_module=None)")
+    weights = open_weights(path)
+    keys = motion_module_keys(weights)
+    model = Transformer3DModel(config, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _is_motion_key(k)}
+    optional = {k for k in expected if k.endswith("pos_encoder.pe")}
+    validate_shapes({k: weights.shapes[k] for k in keys}, expected, weights.path, optional,
+                    "the model's motion module")
+    return weights.read(keys, dtype, device)
 
 
 def _as_config(config, motion_module) -> TransformerConfig:
     if isinstance(config, TransformerConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
-        config = _read_config_path(Path(config))
+        config = read_config(config)
     if isinstance(config, dict):
         check_diffusers_config(config, "config")
         try:
@@ -485,36 +274,17 @@ def _as_config(config, motion_module) -> TransformerConfig:
                                f"config.json / transformer / pipeline folder, found {type(config).__name__}")
 
 
-def _read_config_path(path: Path) -> dict:
-    """config= as a path: a config.json, a transformer folder, or a pipeline folder (uses transformer/config.json),
-    e.g. the PixArt folder's config for a single-file checkpoint such as the portrait one."""
+def read_config(path) -> dict:
+    """The diffusers transformer config dict of a config.json, a transformer folder, or a pipeline folder (its
+    transformer/config.json), e.g. the PixArt folder's config for a single-file checkpoint like the portrait one."""
+    path = Path(path)
     for candidate in (path, path / "config.json", path / "transformer" / "config.json"):
         if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, ValueError) as e:
-                raise EasyAnimateLoadError(f"config: cannot read {candidate}: {e}") from None
-    raise EasyAnimateLoadError(f"config: expected a config.json, a transformer folder or a pipeline folder, found "
-                               f"no config.json at {path}")
-
-
-def validate_shapes(shapes: dict, expected: dict, source: str, optional=frozenset()):
-    """Raise EasyAnimateLoadError summarising missing / unexpected keys and shape mismatches (key + both shapes)."""
-    missing = set(expected) - set(shapes) - set(optional)
-    unexpected = set(shapes) - set(expected)
-    mismatched = sorted(k for k in set(shapes) & set(expected) if tuple(shapes[k]) != tuple(expected[k]))
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    if mismatched:
-        parts.append(f"{len(mismatched)} shape mismatches: " + "; ".join(
-            f"{k}: file {list(shapes[k])}, model {list(expected[k])}" for k in mismatched[:5]))
-    if missing:
-        parts.append(f"{len(missing)} missing keys: {_first(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
-    raise EasyAnimateLoadError(f"{source}: does not match the EasyAnimate transformer "
-                               f"({len(expected)} keys expected, {len(shapes)} found): " + "; ".join(parts))
+            config = read_json(candidate, "a diffusers transformer config.json")
+            check_diffusers_config(config, candidate)
+            return config
+    raise EasyAnimateLoadError(f"{path}: expected a config.json, a transformer folder or a pipeline folder with "
+                               f"transformer/config.json, found {describe(path)}")
 
 
 def _untrained_motion_module(config: TransformerConfig, dtype, device) -> dict[str, torch.Tensor]:
@@ -548,8 +318,8 @@ def read_transformer(path, motion_module=None, config=None, dtype=torch.float32,
 
     mm_weights = mm_plan = None
     if motion_module is not None:
-        mm_weights = CheckpointFile(motion_module)
-        mm_plan = _motion_plan(mm_weights)
+        mm_weights = open_weights(motion_module)
+        mm_plan = {k: (k, 0, 1) for k in motion_module_keys(mm_weights)}
         source += f" + {mm_weights.path}"
         shapes = {k: s for k, s in shapes.items() if not _is_motion_key(k)}  # the motion module file replaces them
         shapes.update({k: mm_weights.shapes[k] for k in mm_plan})
@@ -605,5 +375,5 @@ def load_transformer(path, motion_module=None, config=None, dtype=torch.float32,
     model.init_buffers(device)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # _validate guarantees none; this guards the meta build against model/loader drift
-        raise EasyAnimateLoadError(f"{path}: {len(left)} model tensors were not loaded: {_first(left)}")
+        raise EasyAnimateLoadError(f"{path}: {len(left)} model tensors were not loaded: {first_names(left)}")
     return model.eval()

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .loading import EasyAnimateLoadError, identify_foreign, load_state_dict_file
+from .errors import EasyAnimateLoadError
+from .files import identify_foreign, load_state_dict_file
 
 TARGETS = ("transformer", "text_encoder")
 _KOHYA_PREFIX = {"lora_unet_": "transformer", "lora_te_": "text_encoder"}

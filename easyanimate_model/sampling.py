@@ -12,12 +12,15 @@ from typing import Callable
 
 import torch
 
+from .config import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+
 SCHEDULERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
 
 # config/easyanimate_video_motion_module_v1.yaml `noise_scheduler_kwargs`. Every other option stays at the diffusers
 # class default: the 0.27 defaults (timestep spacing, DPM++ order/final sigma, PNDM PRK warm-up, DDIM clipping) are
 # unchanged in current diffusers, which tests/test_sampling.py checks field by field.
-NOISE_SCHEDULER_KWARGS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "steps_offset": 1}
+NOISE_SCHEDULER_KWARGS = {"beta_start": BETA_START, "beta_end": BETA_END, "beta_schedule": "linear", "steps_offset": 1,
+                          "num_train_timesteps": NUM_TRAIN_TIMESTEPS}
 
 _CLASS_NAMES = {
     "Euler": "EulerDiscreteScheduler",

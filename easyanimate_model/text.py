@@ -1,8 +1,8 @@
-"""Prompt preprocessing, HF T5 loading and prompt encoding as the v1 pipeline does it (spec C.3).
+"""Prompt preprocessing, HF T5 loading and prompt encoding as the v1 pipeline does it (docs/MODEL.md §C.3).
 
 The PixArt folder ships `text_encoder/` (T5-v1.1-XXL encoder, sharded safetensors + index) and `tokenizer/`
 (SentencePiece `spiece.model`, no `tokenizer.json`), so the slow `T5Tokenizer` is used. transformers is imported
-only when a text encoder is loaded.
+only when a text encoder is loaded; bs4 and ftfy (requirements.txt) when a prompt is cleaned.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import EasyAnimateLoadError
+from .errors import EasyAnimateLoadError
+from .files import describe, find_weights, open_weights, read_json, validate_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,14 @@ def _apply(steps, text: str) -> str:
 
 
 def _clean_caption(caption: str) -> str:
-    from bs4 import BeautifulSoup
-    import ftfy
+    try:
+        from bs4 import BeautifulSoup
+        import ftfy
+    except ImportError as e:
+        # the original cleans only when both happen to be installed; here they are requirements, so the prompt is
+        # always cleaned the same way (docs/MODEL.md §C.3)
+        raise ImportError(f"EasyAnimate prompt cleaning needs beautifulsoup4 and ftfy (requirements.txt): {e}; "
+                          f"install them with `pip install beautifulsoup4 ftfy`") from None
 
     caption = urllib.parse.unquote_plus(str(caption)).strip().lower()
     caption = _apply(_BEFORE_HTML, caption)
@@ -112,21 +119,23 @@ def _clean_caption(caption: str) -> str:
     return _apply(_AFTER_UNESCAPE, caption).strip()
 
 
-def caption_cleaning_available() -> bool:
-    """True when bs4 and ftfy are importable, i.e. when the pipeline's full caption cleaning applies."""
-    return all(importlib.util.find_spec(name) is not None for name in ("bs4", "ftfy"))
-
-
 def preprocess_prompt(text: str) -> str:
-    """The pipeline's `clean_caption=True` preprocessing: full cleaning applied twice when bs4 and ftfy are
-    installed, otherwise (the v1 requirements install neither) just `.lower().strip()`. Always lower-cased."""
-    if caption_cleaning_available():
-        return _clean_caption(_clean_caption(text))
-    return text.lower().strip()
+    """The pipeline's `clean_caption=True` preprocessing with bs4 and ftfy present: the full caption cleaning
+    (lower-casing; URLs, HTML, @handles, CJK, file names, ... removed) applied twice."""
+    return _clean_caption(_clean_caption(text))
 
 
-def _resolve_folders(folder: Path) -> tuple[Path, Path]:
+# A T5 encoder folder's weights, in the order transformers prefers them (sharded or not, safetensors or pickle)
+T5_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+              "pytorch_model.bin")
+
+
+def t5_folders(folder) -> tuple[Path, Path]:
     """(text_encoder dir, tokenizer dir) from a pipeline folder or one of its two subfolders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EasyAnimateLoadError(f"{folder}: expected a PixArt pipeline or T5 text_encoder folder, found "
+                                   f"{describe(folder)}")
     if (folder / "text_encoder").is_dir():
         return folder / "text_encoder", folder / "tokenizer"
     if (folder / "config.json").is_file():
@@ -135,36 +144,48 @@ def _resolve_folders(folder: Path) -> tuple[Path, Path]:
         return folder.parent / "text_encoder", folder
     raise EasyAnimateLoadError(
         f"{folder}: expected a PixArt pipeline folder (with text_encoder/ and tokenizer/) or a T5 text_encoder "
-        f"folder (config.json + weights), found {sorted(p.name for p in folder.iterdir())}")
+        f"folder (config.json + weights), found {describe(folder)}")
 
 
-def _check_encoder_folder(encoder_dir: Path) -> None:
+def read_t5_encoder(encoder_dir):
+    """(transformers config dict, weights) of a T5 text_encoder folder; the weights (one file or shards, via
+    `files.open_weights`) are checked against the config's T5EncoderModel, key by key and shape by shape, before any
+    tensor is read."""
+    encoder_dir = Path(encoder_dir)
     config_file = encoder_dir / "config.json"
-    if not config_file.is_file():
-        raise EasyAnimateLoadError(f"{config_file}: expected the T5 encoder config.json, file not found")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "t5":
-        raise EasyAnimateLoadError(f"{config_file}: expected model_type 't5' (T5EncoderModel), found {model_type!r}")
-    index = encoder_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (encoder_dir / s).is_file()]
-        if missing:
-            raise EasyAnimateLoadError(f"{index}: lists weight shards that are missing: {missing}")
-        return
-    weights = ("model.safetensors", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any((encoder_dir / w).is_file() for w in weights):
-        raise EasyAnimateLoadError(f"{encoder_dir}: expected T5 weights ({', '.join(weights)} or "
-                                   f"model.safetensors.index.json + shards), found none")
+    config = read_json(config_file, "the T5 encoder config.json")
+    if config.get("model_type") != "t5":
+        raise EasyAnimateLoadError(f"{config_file}: expected model_type 't5' (T5EncoderModel), found "
+                                   f"{config.get('model_type')!r}")
+    weights = open_weights(find_weights(encoder_dir, T5_WEIGHTS, "T5 weights"))
+    validate_shapes(_encoder_shapes(weights.shapes), _t5_expected_shapes(config, config_file), weights.path,
+                    optional={"shared.weight", "encoder.embed_tokens.weight"}, what="the config's T5 encoder")
+    if "shared.weight" not in weights.shapes and "encoder.embed_tokens.weight" not in weights.shapes:
+        raise EasyAnimateLoadError(f"{weights.path}: expected the T5 token embedding (shared.weight or "
+                                   f"encoder.embed_tokens.weight), found neither")
+    return config, weights
+
+
+def _encoder_shapes(shapes: dict) -> dict:
+    # a full T5 (encoder-decoder) file also loads as T5EncoderModel, which ignores the decoder, as transformers does
+    return {k: s for k, s in shapes.items() if not k.startswith(("decoder.", "lm_head."))}
+
+
+def _t5_expected_shapes(config: dict, source) -> dict:
+    from transformers import T5Config, T5EncoderModel
+
+    try:
+        with torch.device("meta"):
+            model = T5EncoderModel(T5Config.from_dict(config))
+    except (TypeError, ValueError, KeyError) as e:
+        raise EasyAnimateLoadError(f"{source}: expected a T5 config, could not build the encoder: {e}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load (T5Tokenizer, T5EncoderModel) from a PixArt pipeline folder, its text_encoder/ or its tokenizer/."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EasyAnimateLoadError(f"{folder}: expected a PixArt pipeline or T5 text_encoder folder, not found")
-    encoder_dir, tokenizer_dir = _resolve_folders(folder)
-    _check_encoder_folder(encoder_dir)
+    encoder_dir, tokenizer_dir = t5_folders(folder)
+    read_t5_encoder(encoder_dir)
     if not (tokenizer_dir / "spiece.model").is_file():
         raise EasyAnimateLoadError(f"{tokenizer_dir}: expected the T5 SentencePiece tokenizer (spiece.model), "
                                    f"file not found")
@@ -175,7 +196,11 @@ def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     tokenizer = load_tokenizer(tokenizer_dir)
     # transformers >= 4.56 renamed torch_dtype to dtype
     dtype_kwarg = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
-    encoder = T5EncoderModel.from_pretrained(str(encoder_dir), **{dtype_kwarg: dtype})
+    try:
+        encoder = T5EncoderModel.from_pretrained(str(encoder_dir), **{dtype_kwarg: dtype})
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # rare after the checks above; still name the folder
+        raise EasyAnimateLoadError(f"{encoder_dir}: expected a loadable T5 encoder folder, transformers failed: "
+                                   f"{type(e).__name__}: {e}") from None
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 

@@ -5,12 +5,12 @@ frames gives the same frames while memory stays flat in the frame count. diffuse
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .loading import EasyAnimateLoadError
+from .errors import EasyAnimateLoadError
+from .files import describe, find_weights, load_state_dict_file, read_json, validate_shapes
 
 # Hard-coded in the v1 pipeline (not read from the VAE config).
 SCALING_FACTOR = 0.18215
@@ -31,40 +31,78 @@ SD_VAE_CONFIG = {
 }
 
 
+# a diffusers vae/ folder's weights, in the order diffusers prefers them
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def vae_folder(path) -> Path:
+    """The diffusers VAE folder of a pipeline folder (its vae/) or of a VAE folder itself."""
+    path = Path(path)
+    return path / "vae" if (path / "vae").is_dir() else path
+
+
+def read_vae_folder(folder) -> tuple[dict, dict, Path]:
+    """(config, diffusers-layout state dict, weights file) of a diffusers VAE folder, read with the library's file
+    reader (a damaged or unsafe file is an EasyAnimateLoadError naming it)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    config = read_json(config_file, "the AutoencoderKL config.json of a diffusers VAE folder")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise EasyAnimateLoadError(f"{config_file}: expected _class_name 'AutoencoderKL', found "
+                                   f"{config.get('_class_name')!r}")
+    weights = find_weights(folder, VAE_WEIGHTS, "VAE weights")
+    state, _ = load_state_dict_file(weights)
+    return config, _rename_legacy_attention(state), weights
+
+
 def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu"):
     """AutoencoderKL from a pipeline folder (uses vae/), a diffusers vae folder, or a single SD-VAE file
     (.safetensors/.ckpt/.pt in the original LDM key layout, optionally `first_stage_model.`-prefixed, or in the
-    diffusers layout)."""
-    from diffusers import AutoencoderKL
-
+    diffusers layout). Keys and shapes are checked before loading; every error is an EasyAnimateLoadError."""
     path = Path(path)
     if path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        config_file = folder / "config.json"
-        if not config_file.is_file():
+        folder = vae_folder(path)
+        if not (folder / "config.json").is_file():
             raise EasyAnimateLoadError(f"{path}: expected a pipeline folder with vae/ or a diffusers VAE folder "
-                                       f"(config.json + weights), found no {config_file.relative_to(path.parent)}")
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-        if class_name != "AutoencoderKL":
-            raise EasyAnimateLoadError(f"{config_file}: expected _class_name 'AutoencoderKL', found {class_name!r}")
-        vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype)
+                                       f"(config.json + weights), found {describe(path)}")
+        config, state, weights = read_vae_folder(folder)
+        vae = _build_vae(config, state, weights)
     elif path.is_file():
-        vae = _vae_from_single_file(path, dtype)
+        vae = _vae_from_single_file(path)
     else:
-        raise EasyAnimateLoadError(f"{path}: expected a VAE folder or file, not found")
-    return vae.to(device).eval().requires_grad_(False)
+        raise EasyAnimateLoadError(f"{path}: expected a VAE folder or file, found {describe(path)}")
+    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _read_state_dict(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+# diffusers files written before its attention refactor name the mid-block attention projections differently
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-        return load_file(str(path))
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        return sd.get("state_dict", sd)
-    raise EasyAnimateLoadError(f"{path}: expected a .safetensors/.ckpt/.pt/.pth/.bin VAE file, found suffix "
-                               f"{path.suffix!r}")
+
+def _rename_legacy_attention(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        parts = key.rsplit(".", 2)
+        if ".attentions." in key and len(parts) == 3 and parts[1] in _LEGACY_ATTENTION:
+            key = f"{parts[0]}.{_LEGACY_ATTENTION[parts[1]]}.{parts[2]}"
+        out[key] = value
+    return out
+
+
+def _build_vae(config: dict, state: dict, source):
+    """An AutoencoderKL of `config` holding `state`, every key and shape checked first (errors name `source`)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except (TypeError, ValueError) as e:
+        raise EasyAnimateLoadError(f"{source}: expected an AutoencoderKL config, could not build it: {e}") from None
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    # old files store the attention projections as 1x1 convs [C, C, 1, 1] where diffusers now has Linear [C, C]
+    state = {k: v[:, :, 0, 0] if v.ndim == 4 and len(expected.get(k, ())) == 2 else v for k, v in state.items()}
+    validate_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, source,
+                    what=f"an SD VAE with block_out_channels {list(vae.config.block_out_channels)}")
+    vae.load_state_dict(state, strict=True)
+    return vae
 
 
 def _strip_prefix(sd: dict) -> dict:
@@ -74,10 +112,8 @@ def _strip_prefix(sd: dict) -> dict:
     return sd
 
 
-def _vae_from_single_file(path: Path, dtype: torch.dtype):
-    from diffusers import AutoencoderKL
-
-    sd = _strip_prefix(_read_state_dict(path))
+def _vae_from_single_file(path: Path):
+    sd = _strip_prefix(load_state_dict_file(path)[0])
     if "encoder.conv_in.weight" not in sd or "decoder.conv_out.weight" not in sd:
         raise EasyAnimateLoadError(f"{path}: expected an SD VAE state dict (encoder.conv_in.weight, "
                                    f"decoder.conv_out.weight, ...), found keys like {sorted(sd)[:4]}")
@@ -91,17 +127,13 @@ def _vae_from_single_file(path: Path, dtype: torch.dtype):
     config["down_block_types"] = ["DownEncoderBlock2D"] * len(levels)
     config["up_block_types"] = ["UpDecoderBlock2D"] * len(levels)
     config["latent_channels"] = sd["encoder.conv_out.weight"].shape[0] // 2
-    if not diffusers_layout:
+    if diffusers_layout:
+        sd = _rename_legacy_attention(sd)
+    else:
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
         sd = convert_ldm_vae_checkpoint(sd, config)
-    vae = AutoencoderKL(**config)
-    missing, unexpected = vae.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise EasyAnimateLoadError(f"{path}: expected an SD VAE with block_out_channels {config['block_out_channels']}"
-                                   f", found {len(missing)} missing keys (e.g. {missing[:3]}) and {len(unexpected)} "
-                                   f"unexpected keys (e.g. {unexpected[:3]})")
-    return vae.to(dtype)
+    return _build_vae(config, sd, path)
 
 
 def _vae_dtype(vae) -> torch.dtype:
@@ -139,20 +171,37 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 1, tiled: bool = Fal
 
 
 @torch.no_grad()
+def latent_distribution(vae, frames: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [N, 3, H, W] in -1..1 -> the VAE posterior (mean, std), each [N, 4, H/8, W/8] float32, unscaled.
+
+    Encoded `chunk` frames at a time (training's `--vae_mini_batch`) in the VAE's dtype and device."""
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
+    means, stds = [], []
+    for part in frames.split(chunk):
+        dist = vae.encode(part.to(device=_vae_device(vae), dtype=_vae_dtype(vae))).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A posterior sample `mean + std * noise` times SCALING_FACTOR: the latents training uses (docs/MODEL.md §D.5).
+
+    The noise is drawn for the whole tensor at once (float32, on `mean`'s device), so the result does not depend on
+    the encoding chunk size or on whether (mean, std) came from a cache."""
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return (mean + std * noise) * SCALING_FACTOR
+
+
 def encode_frames(vae, frames: torch.Tensor, chunk: int = 8, generator: torch.Generator | None = None,
                   sample: bool = True) -> torch.Tensor:
-    """Video [B, 3, F, H, W] in 0..1 -> latents [B, 4, F, H/8, W/8] × 0.18215 (the training latents, spec D.5).
+    """Video [B, 3, F, H, W] in 0..1 -> latents [B, 4, F, H/8, W/8] x 0.18215 (float32, the training latents).
 
-    Frames are encoded `chunk` at a time (training's `--vae_mini_batch`); `sample=False` takes the posterior mean.
-    """
+    Frames are encoded `chunk` at a time; `sample=False` takes the posterior mean."""
     if frames.ndim != 5 or frames.shape[1] != 3:
         raise ValueError(f"frames: expected [B, 3, F, H, W], found shape {tuple(frames.shape)}")
     b, c, f, h, w = frames.shape
-    x = (frames * 2 - 1).transpose(1, 2).reshape(b * f, c, h, w)
-    x = x.to(device=_vae_device(vae), dtype=_vae_dtype(vae))
-    latents = []
-    for i in range(0, b * f, chunk):
-        dist = vae.encode(x[i:i + chunk]).latent_dist
-        latents.append(dist.sample(generator) if sample else dist.mode())
-    latents = torch.cat(latents) * SCALING_FACTOR
+    mean, std = latent_distribution(vae, (frames * 2 - 1).transpose(1, 2).reshape(b * f, c, h, w), chunk)
+    latents = sample_latents(mean, std, generator) if sample else mean * SCALING_FACTOR
     return latents.view(b, f, *latents.shape[1:]).transpose(1, 2)

@@ -8,7 +8,7 @@ built in model_patching.py).
   latents [B*F, 4, h, w]. It always has the motion-module structure; the motion module runs only when the
   ModelPatcher's transformer_options say so (TEMPORAL_OPTION), which the motion-module node sets on a clone
   together with "set" patches carrying the temporal weights. So one base model serves with and without it.
-- Frames per video: transformer_options[FRAMES_OPTION] (our sampler sets it), else one video per cond chunk.
+- Frames per video: transformer_options[FRAMES_KEY] (our sampler sets it), else one video per cond chunk.
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import comfy.model_base
 import comfy.supported_models_base
 from comfy.ldm.modules import attention as comfy_attention
 
-from ..easyanimate_model.config import TransformerConfig
+from ..easyanimate_model.config import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, TransformerConfig
 from ..easyanimate_model.transformer import Transformer3DModel
 
 log = logging.getLogger("EasyAnimate")
 
-FRAMES_OPTION = "easyanimate_frames"
+# frames per video, under one name in a LATENT dict (the batch holds batch_size * frames rows) and in transformer_options
+FRAMES_KEY = "easyanimate_frames"
 TEMPORAL_OPTION = "easyanimate_motion_module"
 WEIGHT_DTYPES = {
     "default": None,
@@ -51,7 +52,7 @@ class EasyAnimateDiT(Transformer3DModel):
         """x [rows, 4, h, w] (rows = chunks * B * F), context [rows, L, C] (one copy per row, as ComfyUI repeats
         conds to the batch), attention_mask [rows, L] or None -> eps [rows, 4, h, w] (learned sigma dropped)."""
         rows = x.shape[0]
-        frames = transformer_options.get(FRAMES_OPTION) or rows // max(1, len(transformer_options.get(
+        frames = transformer_options.get(FRAMES_KEY) or rows // max(1, len(transformer_options.get(
             "cond_or_uncond", [None])))
         if rows % frames:
             raise ValueError(f"EasyAnimate: a batch of {rows} latent frames is not a whole number of {frames}-frame "
@@ -85,8 +86,9 @@ class EasyAnimateV1(comfy.supported_models_base.BASE):
 
     unet_config = {}
     unet_extra_config = {}
-    sampling_settings = {"beta_schedule": "sqrt_linear", "linear_start": 0.0001, "linear_end": 0.02,
-                         "timesteps": 1000}
+    # comfy's "sqrt_linear" is linear in beta: the library's schedule
+    sampling_settings = {"beta_schedule": "sqrt_linear", "linear_start": BETA_START, "linear_end": BETA_END,
+                         "timesteps": NUM_TRAIN_TIMESTEPS}
     latent_format = comfy.latent_formats.SD15
     memory_usage_factor = 0.5
     supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]

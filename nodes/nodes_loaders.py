@@ -6,8 +6,9 @@ import dataclasses
 import logging
 import os
 
-from ..easyanimate_model.loading import (CheckpointFile, EasyAnimateLoadError, identify_foreign, read_transformer,
-                                         validate_shapes)
+from ..easyanimate_model.errors import EasyAnimateLoadError
+from ..easyanimate_model.files import CheckpointFile
+from ..easyanimate_model.loading import read_motion_module, read_transformer
 from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
 from .comfy_model import WEIGHT_DTYPES
@@ -88,27 +89,6 @@ class EasyAnimateLoadDiT:
             raise _load_error("EasyAnimateLoadDiT", e) from None
 
 
-def _read_motion_module(path: str, model) -> dict:
-    """The motion-module tensors of `path`, checked against the model's motion-module keys and shapes."""
-    weights = CheckpointFile(path)
-    foreign = identify_foreign(weights.shapes)
-    if foreign:
-        raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module, found {foreign}")
-    expected = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()
-                if Transformer3DModel.is_motion_key(k)}
-    keys = [k for k in weights.keys() if Transformer3DModel.is_motion_key(k)]
-    if not keys:
-        raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module (keys "
-                                   f"'transformer_blocks.N.attn_temporal...'), found none among {len(weights.keys())} "
-                                   f"keys (e.g. {sorted(weights.keys())[:3]})")
-    optional = {k for k in expected if k.endswith("pos_encoder.pe")}  # absent: the model keeps its computed table
-    validate_shapes({k: weights.shapes[k] for k in keys}, expected, path, optional)
-    if len(keys) < len(weights.keys()):
-        log.warning("%s: only its %d motion-module keys are used (%d other keys ignored)", path, len(keys),
-                    len(weights.keys()) - len(keys))
-    return weights.read(keys)
-
-
 class EasyAnimateLoadMotionModule:
     DESCRIPTION = ("Adds the EasyAnimate v1 motion module (models/easyanimate, e.g. easyanimate_v1_mm.safetensors) "
                    "to a copy of the MODEL, turning the image DiT into the video model.")
@@ -131,7 +111,7 @@ class EasyAnimateLoadMotionModule:
         inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
         path = model_files.full_path(motion_module_name, model_files.EASYANIMATE_FOLDER)
         try:
-            state = _read_motion_module(path, inner)
+            state = read_motion_module(path, inner.diffusion_model.config)
             return (add_weight_patches(model, state, enable_motion_module=True),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadMotionModule", e) from None

@@ -7,7 +7,8 @@ import logging
 
 from comfy.weight_adapter.lora import LoRAAdapter
 
-from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_file
+from ..easyanimate_model.errors import EasyAnimateLoadError
+from ..easyanimate_model.files import load_state_dict_file
 from ..easyanimate_model.lora import lora_deltas
 from . import model_files
 from .comfy_clip import CLIP_NAME

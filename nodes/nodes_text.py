@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
-from ..easyanimate_model.loading import CheckpointFile, EasyAnimateLoadError, ShardedCheckpoint
-from ..easyanimate_model.text import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_LENGTH, preprocess_prompt
+from ..easyanimate_model.errors import EasyAnimateLoadError
+from ..easyanimate_model.files import CheckpointFile
+from ..easyanimate_model.text import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, MAX_LENGTH, preprocess_prompt,
+                                      read_t5_encoder, t5_folders)
 from . import model_files
 from .comfy_clip import (COMFY_T5_TOKENIZER, TEXT_ENCODER_DEVICES, EasyAnimateTokenizerBase,
-                         build_clip, comfy_t5_config, read_hf_config)
+                         build_clip, comfy_t5_config)
 
 log = logging.getLogger("EasyAnimate")
-
-T5_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
 
 
 def _t5_state_dict(weights) -> dict:
@@ -21,21 +19,13 @@ def _t5_state_dict(weights) -> dict:
 
 
 def load_t5_from_pipeline(folder: str, device: str):
-    """CLIP from a pipeline folder's text_encoder/ (config.json + weights, sharded or not) and tokenizer/."""
-    encoder_dir, tokenizer_dir = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
-    config_file = os.path.join(encoder_dir, "config.json")
-    if not os.path.isfile(config_file):
-        raise EasyAnimateLoadError(f"{config_file}: expected the T5 encoder config.json, file not found")
-    if not os.path.isdir(tokenizer_dir):
+    """CLIP from a pipeline folder's text_encoder/ and tokenizer/, found and checked by the library."""
+    encoder_dir, tokenizer_dir = t5_folders(folder)
+    if not tokenizer_dir.is_dir():
         raise EasyAnimateLoadError(f"{tokenizer_dir}: expected the T5 tokenizer folder, not found")
-    name = next((n for n in T5_WEIGHTS if os.path.isfile(os.path.join(encoder_dir, n))), None)
-    if name is None:
-        raise EasyAnimateLoadError(f"{encoder_dir}: expected T5 weights ({', '.join(T5_WEIGHTS)}), found "
-                                   f"{sorted(os.listdir(encoder_dir))}")
-    path = os.path.join(encoder_dir, name)
-    weights = ShardedCheckpoint(Path(path)) if name.endswith(".json") else CheckpointFile(path)
-    config = comfy_t5_config(read_hf_config(config_file), config_file)
-    return build_clip(_t5_state_dict(weights), config, tokenizer_dir, device, encoder_dir)
+    hf_config, weights = read_t5_encoder(encoder_dir)
+    config = comfy_t5_config(hf_config, str(encoder_dir / "config.json"))
+    return build_clip(_t5_state_dict(weights), config, str(tokenizer_dir), device, str(encoder_dir))
 
 
 def t5_config_from_shapes(shapes: dict, source: str) -> dict:

@@ -1,8 +1,6 @@
 """VAE: the pipeline folder's vae/ as a native comfy.sd.VAE, and the chunked video decode node."""
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import torch
@@ -11,9 +9,8 @@ import comfy.sd
 import comfy.utils
 import comfy.model_management
 
-from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_file
-
-VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+from ..easyanimate_model.errors import EasyAnimateLoadError
+from ..easyanimate_model.vae import read_vae_folder
 
 
 def _autoencoder_params(cfg: dict, source: str) -> dict:
@@ -35,18 +32,10 @@ def _autoencoder_params(cfg: dict, source: str) -> dict:
 
 
 def load_pipeline_vae(vae_dir: str):
-    """comfy.sd.VAE from a diffusers vae/ folder (config.json + weights), config passed explicitly."""
-    config_file = os.path.join(vae_dir, "config.json")
-    if not os.path.isfile(config_file):
-        raise EasyAnimateLoadError(f"{config_file}: expected the VAE config.json, file not found")
-    with open(config_file) as f:
-        cfg = json.load(f)
-    weights = next((os.path.join(vae_dir, n) for n in VAE_WEIGHTS if os.path.isfile(os.path.join(vae_dir, n))), None)
-    if weights is None:
-        raise EasyAnimateLoadError(f"{vae_dir}: expected VAE weights ({' or '.join(VAE_WEIGHTS)}), found "
-                                   f"{sorted(os.listdir(vae_dir))}")
-    params = _autoencoder_params(cfg, config_file)
-    sd, _ = load_state_dict_file(weights)
+    """comfy.sd.VAE from a diffusers vae/ folder (config.json + weights, read by the library), config passed
+    explicitly."""
+    cfg, sd, _ = read_vae_folder(vae_dir)
+    params = _autoencoder_params(cfg, f"{vae_dir}/config.json")
     blocks = len(params["ddconfig"]["ch_mult"])
     if blocks < 4:
         # core's diffusers->ldm key map numbers decoder blocks for 4; shift so block i lands on ldm up.{blocks-1-i}

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from easyanimate_model.config import MotionModuleConfig, TransformerConfig
-from easyanimate_model.loading import (EasyAnimateLoadError, infer_config, load_state_dict_file, load_transformer,
-                                       read_transformer)
+from easyanimate_model.errors import EasyAnimateLoadError
+from easyanimate_model.files import load_state_dict_file
+from easyanimate_model.loading import infer_config, load_transformer, read_transformer
 from easyanimate_model.transformer import Transformer3DModel
 
 FIXTURE = Path(__file__).parent / "fixtures" / "easyanimate_v1_tiny"
@@ -184,7 +185,7 @@ def test_config_given_as_path_of_a_folder_or_config_json(tmp_path, reference, co
     write_transformer_folder(pipe / "transformer", config2d, base_sd)
     for config in (pipe, pipe / "transformer", pipe / "transformer" / "config.json"):
         assert_matches(load_transformer(BASE, motion_module=MM, config=config), reference, "full")
-    with pytest.raises(EasyAnimateLoadError, match="no config.json at"):
+    with pytest.raises(EasyAnimateLoadError, match="expected a config.json.*not found"):
         load_transformer(BASE, config=tmp_path / "nowhere")
 
 

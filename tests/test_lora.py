@@ -10,7 +10,7 @@ from torch import nn
 from transformers import T5Config, T5EncoderModel
 
 from easyanimate_model.config import TransformerConfig
-from easyanimate_model.loading import EasyAnimateLoadError
+from easyanimate_model.errors import EasyAnimateLoadError
 from easyanimate_model.lora import (load_lora, lora_deltas, merge_lora, t5_lora_modules, transformer_lora_modules,
                                     unmerge_lora)
 from easyanimate_model.transformer import Transformer3DModel

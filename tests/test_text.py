@@ -1,14 +1,12 @@
-"""Prompt preprocessing (spec C.3), T5 loading from the release layout, and prompt encoding."""
+"""Prompt preprocessing (docs/MODEL.md §C.3), T5 loading from the release layout, and prompt encoding."""
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch
 
 from easyanimate_model import text
-from easyanimate_model.loading import EasyAnimateLoadError
+from easyanimate_model.errors import EasyAnimateLoadError
 from easyanimate_model.tiny import write_text_encoder, write_tokenizer
 
 # Outputs of the original PixArt/DeepFloyd `_clean_caption` applied twice (with the real bs4 + ftfy). None of these
@@ -35,24 +33,7 @@ def test_defaults_are_the_original_prompts():
     assert text.MAX_LENGTH == 120
 
 
-def test_preprocess_without_bs4_ftfy_lowercases_and_strips(monkeypatch):
-    monkeypatch.setattr(text, "caption_cleaning_available", lambda: False)
-    assert text.preprocess_prompt("  A Cat at https://x.com, ON the MAT!\n") == "a cat at https://x.com, on the mat!"
-
-
-@pytest.mark.parametrize("raw, cleaned", CLEANED)
-def test_caption_cleaning_rules(monkeypatch, raw, cleaned):
-    # Stand-ins that behave like bs4/ftfy on these HTML-free, well-encoded inputs, so the rules run everywhere.
-    bs4 = types.SimpleNamespace(BeautifulSoup=lambda markup, features: types.SimpleNamespace(text=markup))
-    monkeypatch.setitem(sys.modules, "bs4", bs4)
-    monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=lambda t: t))
-    monkeypatch.setattr(text, "caption_cleaning_available", lambda: True)
-    assert text.preprocess_prompt(raw) == cleaned
-
-
-def test_caption_cleaning_with_real_libraries():
-    pytest.importorskip("bs4")
-    pytest.importorskip("ftfy")
+def test_caption_cleaning_rules():
     for raw, cleaned in CLEANED:
         assert text.preprocess_prompt(raw) == cleaned
     assert text.preprocess_prompt("<b>Bold</b> &amp; text") == "bold text"

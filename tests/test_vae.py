@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyanimate_model.loading import EasyAnimateLoadError
+from easyanimate_model.errors import EasyAnimateLoadError
 from easyanimate_model.vae import SCALING_FACTOR, decode_latents, encode_frames, load_vae
 
 TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -12,8 +12,7 @@ import math
 import numpy as np
 import torch
 
-NUM_TRAIN_TIMESTEPS = 1000
-BETA_START, BETA_END = 1e-4, 0.02
+from ..config import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
 
 
 def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:

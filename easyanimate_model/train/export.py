@@ -13,8 +13,9 @@ import os
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..files import load_state_dict_file
 from ..loading import WEIGHTS_NAME
 from ..lora import kohya_hashes
 
@@ -79,9 +80,8 @@ def _is_lora(trainer) -> bool:
 
 
 def _weight_dtype(trainer):
-    from .loop import WEIGHT_DTYPES
-
-    return WEIGHT_DTYPES[trainer.args.mixed_precision]
+    # the training dtype (--mixed_precision), which the reference also writes LoRA files in
+    return trainer.autocast_dtype
 
 
 def save_training_weights(trainer, path: str):
@@ -103,9 +103,9 @@ def load_training_weights(trainer, path: str):
     """Put the trainable weights of checkpoint `path` back into the model (fp32, exact)."""
     m = trainer.models
     if _is_lora(trainer):
-        m.network.load_lora_state_dict(load_file(os.path.join(path, CHECKPOINT_LORA_FILE)))
+        m.network.load_lora_state_dict(load_state_dict_file(os.path.join(path, CHECKPOINT_LORA_FILE))[0])
         return
-    state = load_file(os.path.join(path, "transformer", f"{WEIGHTS_NAME}.safetensors"))
+    state, _ = load_state_dict_file(os.path.join(path, "transformer", f"{WEIGHTS_NAME}.safetensors"))
     missing = [n for n in m.trainable if n not in state]
     if missing:
         raise ValueError(f"{path}/transformer: checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")

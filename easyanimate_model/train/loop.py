@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -26,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from ..vae import SCALING_FACTOR
+from ..vae import latent_distribution, sample_latents
 from . import export
 from .data import BatchPlanner, DataConfig, DatasetError, SkipLog, epoch_loader, read_metadata
 from .diffusion import GaussianDiffusion
@@ -231,35 +230,36 @@ class Models:
     param_groups: list[dict]
 
 
-def _folder_config(folder: str) -> dict:
-    from ..loading import EasyAnimateLoadError
-
-    for candidate in (os.path.join(folder, "transformer", "config.json"), os.path.join(folder, "config.json")):
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                return json.load(f)
-    raise EasyAnimateLoadError(f"--pretrained_model_name_or_path {folder!r}: expected a PixArt diffusers folder "
-                               "with transformer/config.json, not found")
-
-
 def build_transformer(args):
+    """The transformer to train, loaded by the library's loader (docs/MODEL.md §A.6): the pretrained folder's config
+    (with the motion module for the video modes), its weights or `--transformer_path`'s, and the motion module of
+    `--motion_module_path` (or of a motion-module-only `--transformer_path`, the video LoRA recipe). Original PixArt
+    keys are converted, and every key and shape is checked: a 3D checkpoint given to --mode t2i is an error naming
+    its attn_temporal keys, not a silent partial load."""
     from ..config import MotionModuleConfig, TransformerConfig
-    from ..loading import EasyAnimateLoadError, load_state_dict_file, load_transformer
+    from ..errors import EasyAnimateLoadError
+    from ..files import open_weights
+    from ..loading import load_transformer, read_config
+    from ..transformer import Transformer3DModel
 
     folder = args.pretrained_model_name_or_path
-    cfg = TransformerConfig.from_diffusers(_folder_config(folder))
+    try:
+        cfg = TransformerConfig.from_diffusers(read_config(folder))
+    except ValueError as e:
+        raise EasyAnimateLoadError(f"--pretrained_model_name_or_path {folder}: {e}") from None
     cfg = dataclasses.replace(cfg, motion_module=(cfg.motion_module or MotionModuleConfig()) if args.video else None)
-    model = load_transformer(folder, motion_module=args.motion_module_path, config=cfg)
+    base, motion = folder, args.motion_module_path
     if args.transformer_path:
-        state, _ = load_state_dict_file(args.transformer_path)
-        if not args.video:  # a full 3D checkpoint also carries the 2D weights the 2D model wants
-            state = {k: v for k, v in state.items() if not model.is_motion_key(k)}
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise EasyAnimateLoadError(
-                f"--transformer_path {args.transformer_path}: expected EasyAnimate/PixArt transformer keys, found "
-                f"{len(result.unexpected_keys)} unknown keys (e.g. {result.unexpected_keys[:3]})")
-        logger.info("loaded %d tensors from %s", len(state), args.transformer_path)
+        keys = open_weights(args.transformer_path).keys()
+        if keys and all(Transformer3DModel.is_motion_key(k) for k in keys):
+            if motion is not None:
+                raise EasyAnimateLoadError(f"--transformer_path {args.transformer_path}: a motion module, and "
+                                           f"--motion_module_path gives another one: give only one")
+            motion = args.transformer_path
+        else:
+            base = args.transformer_path
+    model = load_transformer(base, motion_module=motion, config=cfg)
+    logger.info("transformer from %s%s", base, f" + motion module {motion}" if motion else "")
     return model
 
 
@@ -313,7 +313,6 @@ class FrozenEncoders:
 
     def __init__(self, models: Models, args, device, generator):
         self.m, self.args, self.device, self.generator = models, args, device, generator
-        self.dtype = WEIGHT_DTYPES[args.mixed_precision]
         self.cache_dir = args.cache_dir
         if self.cache_dir:
             os.makedirs(os.path.join(self.cache_dir, "latents"), exist_ok=True)
@@ -333,16 +332,10 @@ class FrozenEncoders:
         os.replace(tmp, path)
         return value
 
-    @torch.no_grad()
     def _latent_dist(self, clip: torch.Tensor) -> dict:
         """[F, 3, H, W] in [-1, 1] -> {"mean", "std"} [F, 4, h, w] (float32), encoded in --vae_mini_batch chunks."""
-        means, stds = [], []
-        vae = self.m.vae
-        for chunk in clip.split(self.args.vae_mini_batch):
-            dist = vae.encode(chunk.to(self.device, self.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return {"mean": torch.cat(means), "std": torch.cat(stds)}
+        mean, std = latent_distribution(self.m.vae, clip, self.args.vae_mini_batch)
+        return {"mean": mean, "std": std}
 
     def latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, F, 3, H, W] -> scaled latents [B, 4, F, h, w] (float32)."""
@@ -350,8 +343,7 @@ class FrozenEncoders:
         for clip in pixel_values:
             dist = self._cached("latents", clip.numpy().tobytes() if clip.device.type == "cpu" else
                                 clip.cpu().numpy().tobytes(), lambda c=clip: self._latent_dist(c))
-            noise = torch.randn(dist["mean"].shape, generator=self.generator, device=self.device)
-            out.append((dist["mean"] + dist["std"] * noise) * SCALING_FACTOR)
+            out.append(sample_latents(dist["mean"].to(self.device), dist["std"].to(self.device), self.generator))
         return torch.stack(out).transpose(1, 2)  # [B, F, 4, h, w] -> [B, 4, F, h, w]
 
     def text(self, captions: list[str], train: bool = False, clean: bool = False):
