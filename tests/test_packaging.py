@@ -143,3 +143,40 @@ def test_pack_import_is_light_and_exports_the_video_nodes(comfy_python):
     assert info["names"] == {"EasyAnimateSaveVideo": "EasyAnimate Save Video",
                              "EasyAnimatePreviewVideo": "EasyAnimate Preview Video"}
     assert info["web"] in ("./web", "web")
+
+
+def test_pip_install_installs_the_library_only(tmp_path):
+    """`pip install .` builds from pyproject.toml and installs `easyanimate_model` (with its train subpackage) and
+    nothing else; the installed library imports and works outside the repository."""
+    import sys
+
+    source = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
+    shutil.copytree(REPO_DIR, source, ignore=shutil.ignore_patterns(".git", ".host", "test_artifacts", "__pycache__",
+                                                                     ".pytest_cache", "demo_output", "build"))
+    target = tmp_path / "site"
+    # no build isolation and no dependencies: offline, with the setuptools and packages of this environment
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                             "--disable-pip-version-check", "--target", str(target), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    installed = sorted(p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")))
+    assert installed == ["easyanimate_model"], installed
+    assert (target / "easyanimate_model" / "train" / "cli.py").is_file()
+    script = textwrap.dedent("""
+        import torch, easyanimate_model as ea
+        from easyanimate_model.train.cli import parse_args
+        assert ea.__file__.startswith(%r), ea.__file__
+        model = ea.Transformer3DModel(ea.TransformerConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                                                           caption_channels=8, cross_attention_dim=16,
+                                                           motion_module=ea.MotionModuleConfig(norm_num_groups=4)))
+        out = model(torch.zeros(1, 4, 2, 8, 8), torch.tensor([10]), torch.zeros(1, 3, 8))
+        assert out.shape == (1, 8, 2, 8, 8), out.shape
+        assert issubclass(ea.EasyAnimateLoadError, ValueError)
+        print("ok")
+    """ % str(target))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(target)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=outside, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
