@@ -1,4 +1,4 @@
-"""Model configuration: the PixArt-alpha transformer config plus the v1 motion-module settings (spec A.2)."""
+"""Model configuration: the PixArt-alpha transformer config plus the v1 motion-module settings (docs/MODEL.md §A.2)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ BETA_START, BETA_END = 1e-4, 0.02
 
 @dataclass
 class MotionModuleConfig:
-    """VanillaGrid motion module (spec A.2 / A.5). Defaults are the released v1 values."""
+    """VanillaGrid motion module (docs/MODEL.md §A.2 / §A.5). Defaults are the released v1 values."""
 
     num_attention_heads: int = 8
     num_transformer_block: int = 1
@@ -24,7 +24,7 @@ class MotionModuleConfig:
 
 @dataclass
 class TransformerConfig:
-    """The diffusers `transformer/config.json` fields that matter for EasyAnimate v1 (spec A.2).
+    """The diffusers `transformer/config.json` fields that matter for EasyAnimate v1 (docs/MODEL.md §A.2).
 
     Defaults are PixArt-XL-2-512x512. `motion_module=None` builds the 2D model (no `attn_temporal`).
     """

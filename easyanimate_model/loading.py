@@ -1,4 +1,4 @@
-"""Loading EasyAnimate v1 transformer weights from every release layout (spec A.6, B).
+"""Loading EasyAnimate v1 transformer weights from every release layout (docs/MODEL.md §A.6, §B).
 
 Accepted, unchanged:
 - a PixArt-alpha / EasyAnimate diffusers pipeline folder (`model_index.json` + `transformer/` ...): uses `transformer/`;
@@ -289,7 +289,7 @@ def read_config(path) -> dict:
 
 def _untrained_motion_module(config: TransformerConfig, dtype, device) -> dict[str, torch.Tensor]:
     """Motion-module weights as the reference constructor leaves them: torch default init with proj_out zeroed
-    (spec A.5), so each untrained module is the identity."""
+    (docs/MODEL.md §A.5), so each untrained module is the identity."""
     out = {}
     for i in range(config.num_layers):
         module = VanillaTemporalModule(config.inner_dim, config.motion_module, dtype=dtype, device=device)
@@ -336,7 +336,7 @@ def read_transformer(path, motion_module=None, config=None, dtype=torch.float32,
 
     expected_model = Transformer3DModel(cfg, dtype=dtype, device="meta")
     expected = {k: tuple(v.shape) for k, v in expected_model.state_dict().items()}
-    # the temporal PE is a fixed formula: files without it are accepted and the buffers recomputed (spec B.4)
+    # the temporal PE is a fixed formula: files without it are accepted and the buffers recomputed (docs/MODEL.md §B.4)
     optional = {k for k in expected if k.endswith("pos_encoder.pe")}
     untrained = cfg.motion_module is not None and not has_motion
     if untrained:

@@ -1,4 +1,4 @@
-"""LoRA for EasyAnimate v1 (spec B.6): the kohya release format and the diffusers/PEFT layout.
+"""LoRA for EasyAnimate v1 (docs/MODEL.md §B.6): the kohya release format and the diffusers/PEFT layout.
 
 Release (kohya) names: `lora_unet__transformer_blocks_3_attn1_to_q.{lora_down.weight, lora_up.weight, alpha}` for
 the DiT (double underscore: the root module's empty name; a single one is accepted too) and

@@ -1,4 +1,4 @@
-"""EasyAnimate v1 "VanillaGrid" motion module (spec A.5), the `attn_temporal` of every transformer block.
+"""EasyAnimate v1 "VanillaGrid" motion module (docs/MODEL.md §A.5), the `attn_temporal` of every transformer block.
 
 Module paths equal the release keys below `transformer_blocks.N.attn_temporal.`. The reference reshapes between a
 per-frame layout and the grid layout around every attention call; all ops except the GroupNorm and the attention are

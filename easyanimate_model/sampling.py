@@ -1,4 +1,5 @@
-"""The five v1 schedulers (spec C.5) and the classifier-free-guidance denoising loop of EasyAnimatePipeline (spec C.4).
+"""The five v1 schedulers and the classifier-free-guidance denoising loop of EasyAnimatePipeline (docs/MODEL.md
+§C.5, §C.4).
 
 The loop reproduces the original pipeline step for step: initial noise × init_noise_sigma, CFG batch
 `cat([negative, positive])`, `scale_model_input`, the scheduler's own timestep tensor expanded to the batch

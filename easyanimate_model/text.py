@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 120
 
-# predict_t2v.py defaults (spec C.1).
+# predict_t2v.py defaults (docs/MODEL.md §C.1).
 DEFAULT_PROMPT = (
     "A snowy forest landscape with a dirt road running through it. The road is flanked by trees covered in snow, "
     "and the ground is also covered in snow. The sun is shining, creating a bright and serene atmosphere. The road "

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import MotionModuleConfig, TransformerConfig
 
-# 2 blocks, 4 heads x 16 = 64 hidden, T5 width 32: the structure of /shared/fixtures/easyanimate_v1_tiny.
+# 2 blocks, 4 heads x 16 = 64 hidden, T5 width 32: the structure of tests/fixtures/easyanimate_v1_tiny.
 TINY_CONFIG = TransformerConfig(
     num_layers=2,
     num_attention_heads=4,
@@ -227,7 +227,7 @@ def write_scheduler(folder: Path) -> None:
 
 
 def write_kohya_lora(path: Path, dit_sd: dict, t5_sd: dict, seed: int) -> None:
-    """kohya LoRA as lora_utils.save_weights writes it (spec B.6): every DiT Linear outside attn_temporal and every
+    """kohya LoRA as the reference writes it (docs/MODEL.md §B.6): every DiT Linear outside attn_temporal and every
     T5 self-attention / feed-forward Linear; `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`; bf16."""
     from safetensors.torch import save_file
 

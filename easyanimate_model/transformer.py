@@ -1,7 +1,8 @@
-"""EasyAnimate v1 Transformer3DModel: PixArt-alpha DiT with a VanillaGrid motion module in every block (spec A).
+"""EasyAnimate v1 Transformer3DModel: PixArt-alpha DiT with a VanillaGrid motion module in every block
+(docs/MODEL.md §A).
 
-Module paths equal the release state-dict keys (spec B), so `load_state_dict(strict=True)` takes base DiT + motion
-module files unchanged. `config.motion_module=None` builds the plain 2D PixArt model (no `attn_temporal`).
+Module paths equal the release state-dict keys (docs/MODEL.md §B), so `load_state_dict(strict=True)` takes base DiT +
+motion module files unchanged. `config.motion_module=None` builds the plain 2D PixArt model (no `attn_temporal`).
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ class GELUFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """PixArt block (ada_norm_single) with the motion module between self- and cross-attention (spec A.4)."""
+    """PixArt block (ada_norm_single) with the motion module between self- and cross-attention (docs/MODEL.md §A.4)."""
 
     def __init__(self, config: TransformerConfig, operations, attention, dtype=None, device=None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""The SD-1.x AutoencoderKL of the PixArt folder (spec C.6): loading, frame-chunked decode and encode.
+"""The SD-1.x AutoencoderKL of the PixArt folder (docs/MODEL.md §C.6): loading, frame-chunked decode and encode.
 
 v1 decodes latents × (1/0.18215) one frame at a time and returns `(x/2 + 0.5).clamp(0, 1)`; decoding in chunks of
 frames gives the same frames while memory stays flat in the frame count. diffusers is imported on use.
@@ -71,7 +71,8 @@ def load_vae(path, dtype: torch.dtype = torch.float32, device="cpu"):
         vae = _vae_from_single_file(path)
     else:
         raise EasyAnimateLoadError(f"{path}: expected a VAE folder or file, found {describe(path)}")
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # nn.Module.to: diffusers' own .to() warns about fp32-kept modules, which AutoencoderKL does not have
+    return torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 # diffusers files written before its attention refactor name the mid-block attention projections differently

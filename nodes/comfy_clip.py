@@ -1,4 +1,4 @@
-"""The T5 text encoder as a native comfy.sd.CLIP with the original EasyAnimate tokenization (spec C.3).
+"""The T5 text encoder as a native comfy.sd.CLIP with the original EasyAnimate tokenization (docs/MODEL.md §C.3).
 
 ComfyUI's own T5 (comfy.text_encoders.t5) runs the weights, so device/offload, dtype and LoRA patches are ComfyUI's.
 What differs from core's PixArt T5 is the tokenizer side: our tokenizer pre-processes the prompt like the pipeline

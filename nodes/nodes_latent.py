@@ -7,7 +7,7 @@ import comfy.model_management
 
 from .comfy_model import FRAMES_KEY
 
-SIZE_MULTIPLE = 32  # patch 2 x VAE 8 x motion-module grid block 2 (spec A.5)
+SIZE_MULTIPLE = 32  # patch 2 x VAE 8 x motion-module grid block 2 (docs/MODEL.md §A.5)
 
 
 def size_error(width: int, height: int):

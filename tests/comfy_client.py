@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_DIR = Path(__file__).resolve().parent.parent
-# the real release files and where a ComfyUI install expects them (docs/ARCHITECTURE.md; sizes: spec §0)
+# the real release files and where a ComfyUI install expects them (docs/ARCHITECTURE.md; sizes: README.md)
 RELEASE_FILES = (
     ("PixArt-XL-2-512x512/ (diffusers folder, from PixArt-XL-2-512x512.tar)", "11.4 GB", "models/diffusers/"),
     ("easyanimate_v1_mm.safetensors (motion module)", "4.1 GB", "models/easyanimate/"),

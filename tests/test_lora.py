@@ -1,4 +1,4 @@
-"""LoRA (spec B.6): kohya and PEFT layouts, merge/unmerge against the runtime LoRA math, T5 side, per-key deltas,
+"""LoRA (docs/MODEL.md §B.6): kohya / PEFT layouts, merge/unmerge against the runtime LoRA math, T5 side, per-key deltas,
 unmapped keys and errors, and the 286 DiT / 168 T5 target modules at the real sizes (meta device)."""
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""VanillaGrid motion module against a literal einops transcription of spec A.5."""
+"""VanillaGrid motion module against a literal einops transcription of docs/MODEL.md §A.5."""
 import math
 
 import pytest

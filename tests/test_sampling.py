@@ -1,4 +1,5 @@
-"""Schedulers (spec C.5) and the CFG loop (spec C.4) against a hand transcription of the original pipeline loop."""
+"""Schedulers (docs/MODEL.md §C.5) and the CFG loop (§C.4) against a hand transcription of the original pipeline
+loop."""
 import inspect
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from easyanimate_model.sampling import SCHEDULERS, make_scheduler, sample
 
-# Options that must equal the diffusers 0.27 defaults the original pipeline ran with (spec C.5).
+# Options that must equal the diffusers 0.27 defaults the original pipeline ran with (docs/MODEL.md §C.5).
 EXPECTED_CONFIG = {
     "Euler": {"prediction_type": "epsilon", "timestep_spacing": "linspace", "interpolation_type": "linear",
               "use_karras_sigmas": False, "timestep_type": "discrete", "rescale_betas_zero_snr": False},

@@ -1,4 +1,4 @@
-"""Training data (spec D.3/D.4): metadata formats, frame indices, buckets, crops, skipped rows/media."""
+"""Training data (docs/MODEL.md §D.3/§D.4): metadata formats, frame indices, buckets, crops, skipped rows/media."""
 import csv
 import json
 

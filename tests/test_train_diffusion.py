@@ -1,4 +1,4 @@
-"""IDDPM hybrid loss (spec D.5): schedule, KL/NLL terms, detached mean, scaling."""
+"""IDDPM hybrid loss (docs/MODEL.md §D.5): schedule, KL/NLL terms, detached mean, scaling."""
 import math
 
 import numpy as np

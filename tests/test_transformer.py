@@ -1,4 +1,5 @@
-"""Transformer3DModel against the original EasyAnimate v1 forward (tiny fixture), diffusers' PixArt, spec B."""
+"""Transformer3DModel against the original EasyAnimate v1 forward (tiny fixture), diffusers' PixArt, §B of
+docs/MODEL.md."""
 import dataclasses
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""VAE loading (folders, single LDM/diffusers files) and frame-chunked decode/encode (spec C.6)."""
+"""VAE loading (folders, single LDM/diffusers files) and frame-chunked decode/encode (docs/MODEL.md §C.6)."""
 import json
 import re
 

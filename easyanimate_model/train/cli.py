@@ -10,8 +10,8 @@ import os
 
 MODES = ("motion", "t2i", "lora", "video_lora")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
-# spec D.1: what each mode trains by default (substrings of parameter names). t2i trains everything; the reference's
-# "." missed the top-level `scale_shift_table` (no dot in its name), "" matches every parameter.
+# what each mode trains by default (docs/MODEL.md §D.1; substrings of parameter names). t2i trains everything; the
+# reference's "." missed the top-level `scale_shift_table` (no dot in its name), "" matches every parameter.
 DEFAULT_TRAINABLE = {"motion": ["attn_temporal"], "t2i": [""]}
 
 

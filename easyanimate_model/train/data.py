@@ -1,4 +1,5 @@
-"""Training data: metadata readers, frame sampling, aspect-ratio buckets, crops and resumable batch plans (spec D.3/D.4).
+"""Training data: metadata readers, frame sampling, aspect-ratio buckets, crops and resumable batch plans
+(docs/MODEL.md §D.3/§D.4).
 
 Every batch is homogeneous (all images or all videos, one target size). The batch order of an epoch and all per-batch
 randomness (frame start, flips, random crop ratio, frame crop) derive from (seed, epoch, batch index) only, so a run

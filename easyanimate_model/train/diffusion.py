@@ -1,4 +1,4 @@
-"""Improved-DDPM training objective with a learned variance (the PixArt/EasyAnimate "hybrid" loss, spec D.5).
+"""Improved-DDPM training objective with a learned variance (the PixArt/EasyAnimate "hybrid" loss, docs/MODEL.md §D.5).
 
 loss = mean((eps - eps_hat)^2) + L_vb, where L_vb is the variational bound term of the learned-range variance in
 bits/dim: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretized Gaussian decoder NLL at t = 0.

@@ -1,4 +1,4 @@
-"""Output files in the release layouts (spec B, D.6) and the weights of training checkpoints.
+"""Output files in the release layouts (docs/MODEL.md §B, §D.6) and the weights of training checkpoints.
 
 - `transformer/` diffusers folder: config.json + diffusion_pytorch_model.safetensors (metadata {"format": "pt"}),
   the full model (the 3D model with its `pos_encoder.pe` buffers, or the 603-key 2D model);
@@ -40,7 +40,7 @@ def save_diffusers_transformer(model, folder: str) -> str:
 
 
 def save_motion_module(model, path: str) -> str:
-    """The motion-module file exactly as the release's extra_motion_module.py writes it (spec B.4)."""
+    """The motion-module file exactly as the release's extra_motion_module.py writes it (docs/MODEL.md §B.4)."""
     state = model.temporal_state_dict()
     if not state:
         raise ValueError("the model has no motion module (a 2D model): nothing to save")
@@ -49,13 +49,13 @@ def save_motion_module(model, path: str) -> str:
 
 
 def save_2d_checkpoint(model, path: str) -> str:
-    """The 2D DiT weights (603 keys at PixArt-XL size), the layout of the portrait checkpoint (spec B.5)."""
+    """The 2D DiT weights (603 keys at PixArt-XL size), the layout of the portrait checkpoint (docs/MODEL.md §B.5)."""
     save_file(_cpu({k: v for k, v in model.state_dict().items() if not model.is_motion_key(k)}), path)
     return path
 
 
 def save_lora(network, path: str, dtype: torch.dtype = torch.float32) -> str:
-    """kohya LoRA file with the reference's metadata keys (spec B.6)."""
+    """kohya LoRA file with the reference's metadata keys (docs/MODEL.md §B.6)."""
     tensors = network.lora_state_dict(dtype)
     save_file(tensors, path, kohya_hashes(tensors))
     return path

@@ -1,5 +1,5 @@
 """The training loop: models per mode, AdamW + schedules, accumulation, clipping, mixed precision, EMA, checkpoints,
-exact resume and validation samples (spec D).
+exact resume and validation samples (docs/MODEL.md §D).
 
 Exact resume: a checkpoint holds the trainable weights in fp32, optimizer / scheduler / scaler / EMA state, every
 RNG state of every process (python, numpy, torch, CUDA and the training generator that draws noise, timesteps and VAE

@@ -1,4 +1,4 @@
-"""Trainable kohya-style LoRA on the DiT (and optionally T5), saved in the release layout (spec B.6).
+"""Trainable kohya-style LoRA on the DiT (and optionally T5), saved in the release layout (docs/MODEL.md §B.6).
 
 Module names follow the reference `LoRANetwork`: "lora_unet" + "." + "" + "." + <module path>, dots -> "_" (hence
 the double underscore, `lora_unet__transformer_blocks_3_attn1_to_q`), and "lora_te_" + <T5 module path> for the
