@@ -72,26 +72,18 @@ def test_truncated_t5_shard(pipeline):
     assert str(shard) in str(e.value) and "truncated" in str(e.value)
 
 
-def test_pickle_with_code_in_vae_folder(pipeline, tmp_path):
+@pytest.mark.parametrize("folder, remove, name, loader", [
+    ("vae", VAE_FILE, "diffusion_pytorch_model.bin", load_vae),
+    ("text_encoder", "model*", "pytorch_model.bin", load_text_encoder),
+])
+def test_pickle_with_code_is_refused_and_never_runs(pipeline, tmp_path, folder, remove, name, loader):
     marker = tmp_path / "pickle_code_ran"
-    (pipeline / "vae" / VAE_FILE).unlink()
-    path = pipeline / "vae" / "diffusion_pytorch_model.bin"
-    write_code_pickle(path, marker)
-    with pytest.raises(EasyAnimateLoadError, match="not loaded for safety") as e:
-        load_vae(pipeline)
-    assert str(path) in str(e.value)
-    assert not marker.exists()
-
-
-def test_pickle_with_code_in_text_encoder_folder(pipeline, tmp_path):
-    marker = tmp_path / "pickle_code_ran"
-    encoder_dir = pipeline / "text_encoder"
-    for f in encoder_dir.glob("model*"):
+    for f in (pipeline / folder).glob(remove):
         f.unlink()
-    path = encoder_dir / "pytorch_model.bin"
+    path = pipeline / folder / name
     write_code_pickle(path, marker)
     with pytest.raises(EasyAnimateLoadError, match="not loaded for safety") as e:
-        load_text_encoder(pipeline)
+        loader(pipeline)
     assert str(path) in str(e.value)
     assert not marker.exists()
 
