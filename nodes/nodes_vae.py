@@ -12,6 +12,7 @@ import comfy.utils
 import comfy.model_management
 
 from ..easyanimate_model.loading import EasyAnimateLoadError, load_state_dict_file
+from . import resources
 
 VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -85,6 +86,8 @@ class EasyAnimateVAEDecode:
                              f"{tuple(latents.shape)}")
         if latents.shape[0] == 0:
             raise ValueError("EasyAnimateVAEDecode: the latent has no frames")
+        resources.check_vae_decode(vae, latents.shape[0], latents.shape[-2], latents.shape[-1], frames_per_chunk,
+                                   tiled, "EasyAnimateVAEDecode")
         pbar = comfy.utils.ProgressBar(latents.shape[0])
         chunks = []
         for start in range(0, latents.shape[0], frames_per_chunk):
