@@ -3,7 +3,7 @@
 They are computed from shapes alone, before anything is allocated, so a host can refuse a request that cannot fit
 instead of letting the allocator (or the kernel's OOM killer) fail in the middle of a run. They count activations
 only: the weights are already loaded (or can be offloaded by the host). The factors are upper-side counts of the
-tensors the code keeps alive at once (docs/ARCHITECTURE.md, "Memory estimates").
+tensors the code keeps alive at once, checked against measured peaks on CPU (README, "What gets refused").
 """
 from __future__ import annotations
 

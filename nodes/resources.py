@@ -59,9 +59,9 @@ def available_bytes(device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         free = mm.get_free_memory(device) + torch.cuda.memory_reserved(device)
-        return max(0, free - mm.extra_reserved_memory())
+        return max(0, int(free - mm.extra_reserved_memory()))
     limits = [mm.get_free_memory(torch.device("cpu")), _address_space_left(), _cgroup_left()]
-    return max(0, min(v for v in limits if v is not None) - mm.minimum_inference_memory())
+    return max(0, int(min(v for v in limits if v is not None) - mm.minimum_inference_memory()))
 
 
 def device_name(device) -> str:
