@@ -57,11 +57,13 @@ def _cgroup_left():
 def available_bytes(device) -> int:
     """Bytes this process can still allocate on `device` for activations, after ComfyUI's reserve."""
     device = torch.device(device)
+    if device.type == "cpu":
+        limits = [mm.get_free_memory(device), _address_space_left(), _cgroup_left()]
+        return max(0, int(min(v for v in limits if v is not None) - mm.minimum_inference_memory()))
+    free = mm.get_free_memory(device)  # device free + torch's cached blocks
     if device.type == "cuda":
-        free = mm.get_free_memory(device) + torch.cuda.memory_reserved(device)
-        return max(0, int(free - mm.extra_reserved_memory()))
-    limits = [mm.get_free_memory(torch.device("cpu")), _address_space_left(), _cgroup_left()]
-    return max(0, int(min(v for v in limits if v is not None) - mm.minimum_inference_memory()))
+        free += torch.cuda.memory_allocated(device)  # what torch holds, weights included: ComfyUI can offload them
+    return max(0, int(free - mm.extra_reserved_memory()))
 
 
 def device_name(device) -> str:
