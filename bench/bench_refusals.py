@@ -66,7 +66,7 @@ def main():
             try:
                 result = server.queue(prompt, timeout=300)
                 where = "at run"
-                text = (f"{result.error['node_type']}: {result.error['exception_message']}" if result.error
+                text = (result.error["exception_message"] if result.error
                         else f"NOT REFUSED ({result.status_str})")
             except PromptRejected as e:
                 where = "at queue"
