@@ -9,6 +9,25 @@ from dataclasses import dataclass, field
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 
+VAE_SCALE = 8  # SD VAE: pixels per latent cell
+# pixel multiple of width/height for the released model: patch 2 x motion-module grid block 2 x VAE 8 (spec A.5);
+# TransformerConfig.size_multiple() gives it for any config
+SIZE_MULTIPLE = 32
+IMAGE_SIZE_MULTIPLE = 16  # without the motion module (2D training/inference): patch 2 x VAE 8
+
+
+def size_error(width, height, multiple: int = SIZE_MULTIPLE):
+    """None when width and height (pixels) are positive multiples of `multiple`, else one message naming the input(s),
+    what was found and the nearest sizes that work."""
+    bad = [f"{name} {value!r}" for name, value in (("width", width), ("height", height))
+           if not isinstance(value, int) or isinstance(value, bool) or value < multiple or value % multiple]
+    if not bad:
+        return None
+    def near(v):
+        return max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) and v == v else multiple
+    return (f"{' and '.join(bad)}: EasyAnimate needs width and height as positive multiples of {multiple} pixels "
+            f"(try {near(width)}x{near(height)})")
+
 
 @dataclass
 class MotionModuleConfig:
@@ -49,6 +68,14 @@ class TransformerConfig:
     def base_size(self) -> int:
         # PixArt's position-embedding "base_size" rule: sample_size // patch_size
         return self.sample_size // self.patch_size
+
+    def latent_multiple(self) -> int:
+        """Latent height/width multiple: the patch size, times the motion module's grid block when it has one."""
+        return self.patch_size * (self.motion_module.block_size if self.motion_module is not None else 1)
+
+    def size_multiple(self) -> int:
+        """Pixel width/height multiple (latent multiple x VAE scale)."""
+        return self.latent_multiple() * VAE_SCALE
 
     @classmethod
     def from_diffusers(cls, cfg: dict, motion_module: MotionModuleConfig | None = None) -> "TransformerConfig":

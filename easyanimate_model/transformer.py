@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import TransformerConfig
+from .config import VAE_SCALE, TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
 from .ops import TorchOps, chunked_rows, sdpa_attention
 
@@ -238,16 +238,12 @@ class Transformer3DModel(nn.Module):
 
     def check_input_size(self, num_frames: int, height: int, width: int):
         """Raise ValueError for latent sizes the model cannot run (before any compute)."""
-        p = self.config.patch_size
-        if height % p or width % p:
-            raise ValueError(f"latent height and width must be multiples of the patch size {p}; "
-                             f"got latent {height}x{width}")
+        unit = self.config.latent_multiple()
+        if height <= 0 or width <= 0 or height % unit or width % unit:
+            raise ValueError(f"height and width must be positive multiples of {unit * VAE_SCALE} pixels (latent "
+                             f"multiples of {unit}); got latent {height}x{width}")
         mm = self.config.motion_module
         if mm is not None:
-            if (height // p) % mm.block_size or (width // p) % mm.block_size:
-                unit = p * mm.block_size
-                raise ValueError(f"height and width must be multiples of {unit * 8} pixels (latent multiples of "
-                                 f"{unit}); got latent {height}x{width}")
             if num_frames > mm.temporal_position_encoding_max_len:
                 raise ValueError(f"at most {mm.temporal_position_encoding_max_len} frames are supported "
                                  f"(temporal position encoding length); got {num_frames}")

@@ -24,6 +24,7 @@ from comfy.ldm.modules import attention as comfy_attention
 
 from ..easyanimate_model.config import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, TransformerConfig
 from ..easyanimate_model.transformer import Transformer3DModel
+from . import resources
 
 log = logging.getLogger("EasyAnimate")
 
@@ -68,6 +69,10 @@ class EasyAnimateDiT(Transformer3DModel):
 class EasyAnimateBaseModel(comfy.model_base.BaseModel):
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device, unet_model=EasyAnimateDiT)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        # ComfyUI sizes offloading and cond/uncond batching with this; core's area formula ignores the frames
+        return resources.memory_required(self.diffusion_model.config, input_shape, self.manual_cast_dtype or self.get_dtype())
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

@@ -7,9 +7,11 @@ import logging
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 
 from ..easyanimate_model.config import MotionModuleConfig, TransformerConfig
 from ..easyanimate_model.transformer import Transformer3DModel
+from . import resources
 from .comfy_model import TEMPORAL_OPTION, WEIGHT_DTYPES, EasyAnimateBaseModel, EasyAnimateV1
 
 log = logging.getLogger("EasyAnimate")
@@ -54,6 +56,9 @@ def build_model_patcher(config: TransformerConfig, state_dict: dict, weight_dtyp
         raise ValueError(f"{source}: does not fit the EasyAnimate transformer: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    # every sampler built on comfy.samplers (core KSampler included) refuses what cannot fit before loading
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "easyanimate_resources",
+                                 resources.prepare_sampling_guard)
     if has_motion:
         patcher.model_options.setdefault("transformer_options", {})[TEMPORAL_OPTION] = True
     log.info("EasyAnimate transformer from %s: weight dtype %s, manual cast %s, motion module %s", source, dtype,

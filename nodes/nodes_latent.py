@@ -6,16 +6,8 @@ import torch
 import comfy.model_management
 
 from .comfy_model import FRAMES_KEY
-
-SIZE_MULTIPLE = 32  # patch 2 x VAE 8 x motion-module grid block 2 (docs/MODEL.md §A.5)
-
-
-def size_error(width: int, height: int):
-    bad = [f"{name} {value}" for name, value in (("width", width), ("height", height)) if value % SIZE_MULTIPLE]
-    if bad:
-        return (f"{' and '.join(bad)}: EasyAnimate needs width and height in multiples of {SIZE_MULTIPLE} pixels "
-                f"(try {', '.join(str(round(v / SIZE_MULTIPLE) * SIZE_MULTIPLE or SIZE_MULTIPLE) for v in (width, height))})")
-    return None
+from ..easyanimate_model.config import SIZE_MULTIPLE, size_error
+from . import resources
 
 
 class EasyAnimateEmptyLatent:
@@ -44,18 +36,17 @@ class EasyAnimateEmptyLatent:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width, height):
-        # only width/height named here, so ComfyUI still checks the min/max of frames and batch_size
+        # core skips its min/max check for width/height here; nodes/__init__.py's guard checks them first
         return size_error(width, height) or True
 
     def generate(self, width, height, frames, batch_size):
         error = size_error(width, height)
         if error:
             raise ValueError(f"EasyAnimateEmptyLatent: {error}")
-        if frames < 1 or batch_size < 1:
-            raise ValueError(f"EasyAnimateEmptyLatent: frames and batch_size must be >= 1, found {frames}, "
-                             f"{batch_size}")
-        samples = torch.zeros([batch_size * frames, 4, height // 8, width // 8],
-                              device=comfy.model_management.intermediate_device())
+        resources.check_latent(batch_size, frames, height, width, "EasyAnimateEmptyLatent")
+        # one zero frame expanded (no copy): a cached empty latent costs nothing; consumers allocate what they need
+        samples = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+        samples = samples.expand(batch_size * frames, -1, -1, -1)
         return ({"samples": samples, FRAMES_KEY: frames},)
 
 

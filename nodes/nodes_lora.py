@@ -1,6 +1,7 @@
 """LoRA node: EasyAnimate (kohya-style) LoRAs as ModelPatcher patches on clones of MODEL and CLIP (chainable,
 nothing merged into shared weights). DiT modules map with easyanimate_model.lora; `lora_te_` modules go to the T5
-of the CLIP. Modules that map to nothing are reported in the log."""
+of the CLIP. A LoRA that does not fully apply fails the node (strict), or is applied partly with a warning shown in
+the node (web/js/easyanimate_lora.js) and the log."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ from .model_patching import easyanimate_model
 
 log = logging.getLogger("EasyAnimate")
 NODE = "EasyAnimateLoraLoader"
+UI_KEY = "easyanimate_lora_warnings"  # the node's ui output read by web/js/easyanimate_lora.js
 
 
 def lora_patches(deltas: dict, prefix: str) -> dict:
@@ -24,13 +26,10 @@ def lora_patches(deltas: dict, prefix: str) -> dict:
             for key, (up, down, scale) in deltas.items()}
 
 
-def apply_patches(patcher, patches: dict, strength: float, what: str, source: str):
+def apply_patches(patcher, patches: dict, strength: float) -> list:
+    """Adds the patches; returns the keys that have no matching weight in the patcher's model."""
     applied = set(patcher.add_patches(patches, strength))
-    skipped = sorted(set(patches) - applied)
-    if skipped:
-        log.warning("%s: %s: %d LoRA modules have no matching %s weight and were not applied: %s", NODE, source,
-                    len(skipped), what, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
-    return len(applied)
+    return sorted(set(patches) - applied)
 
 
 class EasyAnimateLoraLoader:
@@ -56,9 +55,12 @@ class EasyAnimateLoraLoader:
                                         "value)."}),
         }, "optional": {
             "clip": ("CLIP", {"tooltip": "The T5 CLIP, for LoRAs that also train the text encoder (lora_te_ keys)."}),
+            "strict": ("BOOLEAN", {"default": True, "tooltip":
+                                   "On: a LoRA that does not fully apply (unknown modules, wrong shapes, T5 part "
+                                   "without a clip) fails with the list. Off: apply what fits and show a warning."}),
         }}
 
-    def apply(self, model, lora_name, strength_model, strength_clip, clip=None):
+    def apply(self, model, lora_name, strength_model, strength_clip, clip=None, strict=True):
         inner = easyanimate_model(model, NODE)
         path = model_files.full_path(lora_name, "loras")
         try:
@@ -73,23 +75,32 @@ class EasyAnimateLoraLoader:
             raise ValueError(f"{NODE}: {path}: expected an EasyAnimate LoRA (kohya keys 'lora_unet__transformer_"
                              f"blocks_N_...' / 'lora_te_encoder_block_N_...'), found no usable module among keys "
                              f"like {sorted(state)[:3]} (an SD1.5/SDXL LoRA?)")
-        unmapped = {**dit.unmapped, **te.unmapped}
-        if unmapped:
-            log.warning("%s: %s: %d LoRA entries not applied: %s", NODE, path, len(unmapped),
-                        "; ".join(f"{k}: {v}" for k, v in sorted(unmapped.items())[:10]))
+        # a T5 part with no clip connected is a choice (like core's model-only LoRA loader), not a failure
+        unmapped = {**dit.unmapped, **(te.unmapped if clip is not None else {})}
+        problems = [f"{k}: {v}" for k, v in sorted(unmapped.items())]
         new_model = model.clone()
-        applied = apply_patches(new_model, lora_patches(dit, "diffusion_model."), strength_model, "transformer", path)
-        if dit and not applied:
+        skipped = apply_patches(new_model, lora_patches(dit, "diffusion_model."), strength_model)
+        if dit and len(skipped) == len(dit):
             raise ValueError(f"{NODE}: {path}: none of its {len(dit)} transformer modules exists in this MODEL")
+        problems += [f"{k}: no matching transformer weight" for k in skipped]
         new_clip = clip
-        if te:
-            if clip is None:
-                log.warning("%s: %s has %d T5 modules; connect the clip input to apply them", NODE, path, len(te))
-            else:
-                new_clip = clip.clone()
-                apply_patches(new_clip, lora_patches(te, f"{CLIP_NAME}.transformer."), strength_clip, "T5", path)
+        if te and clip is None:
+            log.info("%s: %s has %d T5 modules; connect the clip input to apply them", NODE, path, len(te))
+        elif te:
+            new_clip = clip.clone()
+            problems += [f"{k}: no matching T5 weight" for k in
+                         apply_patches(new_clip, lora_patches(te, f"{CLIP_NAME}.transformer."), strength_clip)]
+        if problems and strict:
+            raise ValueError(f"{NODE}: {path}: {len(problems)} LoRA entries do not apply (strict is on; turn it off "
+                             f"to apply the rest): " + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
         log.info("%s: %s: %d transformer and %d T5 modules", NODE, lora_name, len(dit), len(te) if clip else 0)
-        return (new_model, new_clip)
+        warnings = []
+        if problems:
+            warnings.append(f"{lora_name}: {len(problems)} LoRA entries not applied: " + "; ".join(problems[:10])
+                            + (" ..." if len(problems) > 10 else ""))
+            log.warning("%s: %s", NODE, warnings[0])
+        # always sent, so the node's shown warning is cleared by a clean run
+        return {"ui": {UI_KEY: warnings}, "result": (new_model, new_clip)}
 
 
 NODE_CLASS_MAPPINGS = {"EasyAnimateLoraLoader": EasyAnimateLoraLoader}

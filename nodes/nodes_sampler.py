@@ -12,6 +12,7 @@ import comfy.sampler_helpers
 import latent_preview
 
 from ..easyanimate_model.sampling import SCHEDULERS, make_scheduler, sample
+from . import resources
 from .model_patching import easyanimate_model, motion_module_enabled
 from .nodes_latent import FRAMES_KEY
 
@@ -93,6 +94,7 @@ class EasyAnimateSampler:
             dit.check_input_size(frames, height, width)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from None
+        resources.check_sampling(model, batch, frames, height, width, NODE)
         if sampler not in SCHEDULERS:
             raise ValueError(f"{NODE}: sampler must be one of {SCHEDULERS}, found {sampler!r}")
         try:  # e.g. PNDM's warm-up needs at least 4 steps

@@ -11,6 +11,7 @@ import comfy.model_management
 
 from ..easyanimate_model.errors import EasyAnimateLoadError
 from ..easyanimate_model.vae import read_vae_folder
+from . import resources
 
 
 def _autoencoder_params(cfg: dict, source: str) -> dict:
@@ -74,6 +75,8 @@ class EasyAnimateVAEDecode:
                              f"{tuple(latents.shape)}")
         if latents.shape[0] == 0:
             raise ValueError("EasyAnimateVAEDecode: the latent has no frames")
+        resources.check_vae_decode(vae, latents.shape[0], latents.shape[-2], latents.shape[-1], frames_per_chunk,
+                                   tiled, "EasyAnimateVAEDecode")
         pbar = comfy.utils.ProgressBar(latents.shape[0])
         chunks = []
         for start in range(0, latents.shape[0], frames_per_chunk):

@@ -5,12 +5,15 @@ preview ignores it, so the video is shown once. The frames are passed on unchang
 CreateVideo/SaveVideo can take over.
 """
 import json
+import logging
 import os
 import random
+import re
 import subprocess
 import tempfile
 
 import numpy as np
+import psutil
 from PIL import Image
 
 import folder_paths
@@ -22,6 +25,42 @@ FORMATS = {  # format -> (file extension, MIME type for the preview element)
     "webp": ("webp", "image/webp"),
 }
 UI_KEY = "easyanimate_videos"
+log = logging.getLogger("EasyAnimate")
+
+# Files being written are named `.<name>.<pid>-<process start>.partial` and renamed once complete; a crash leaves them
+# behind. They are removed when no live process owns them: at load, and in a folder before and after each save.
+_OWNER = f"{os.getpid()}-{int(psutil.Process().create_time())}"
+_PARTIAL = re.compile(r"\..+?(?:\.(\d+)-(\d+))?\.partial")
+
+
+def _owner_alive(pid, start):
+    try:
+        return pid is not None and int(psutil.Process(int(pid)).create_time()) == int(start)
+    except (psutil.Error, ValueError):
+        return False
+
+
+def remove_stale_partials(folder, recursive=False):
+    """Remove the .partial files in `folder` whose writer is gone; returns how many."""
+    removed = 0
+    for root, _, files in os.walk(folder) if recursive else [(folder, None, os.listdir(folder))]:
+        for name in files:
+            match = _PARTIAL.fullmatch(name)
+            if match and not _owner_alive(*match.groups()):
+                try:
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+                except OSError:
+                    pass  # gone already, or not ours to remove
+    return removed
+
+
+def remove_stale_partials_at_load():
+    for folder in (folder_paths.get_output_directory(), folder_paths.get_temp_directory()):
+        if os.path.isdir(folder):
+            removed = remove_stale_partials(folder, recursive=True)
+            if removed:
+                log.info("EasyAnimate: removed %d unfinished video file(s) (*.partial) in %s", removed, folder)
 
 
 def quality_to_crf(quality):
@@ -131,7 +170,8 @@ def save_video(images, fps, format, quality, loop, folder, folder_type, filename
     file = f"{filename}_{counter:05}_.{extension}"
     final_path = os.path.join(full_folder, file)
     # A hidden partial name that the filename counter never matches; renamed once complete.
-    partial_path = os.path.join(full_folder, f".{file}.partial")
+    partial_path = os.path.join(full_folder, f".{file}.{_OWNER}.partial")
+    remove_stale_partials(full_folder)
     try:
         if format == "mp4":
             write_mp4(partial_path, frames, fps, quality, metadata)
@@ -143,6 +183,7 @@ def save_video(images, fps, format, quality, loop, folder, folder_type, filename
     finally:
         if os.path.exists(partial_path):
             os.remove(partial_path)
+        remove_stale_partials(full_folder)
     return {"filename": file, "subfolder": subfolder, "type": folder_type, "format": mime, "fps": fps,
             "frame_count": frame_count, "width": width, "height": height}
 
@@ -223,6 +264,8 @@ class EasyAnimatePreviewVideo:
                            _node_name(type(self).__name__, unique_id))
         return {"ui": {UI_KEY: [entry]}, "result": (images,)}
 
+
+remove_stale_partials_at_load()
 
 NODE_CLASS_MAPPINGS = {
     "EasyAnimateSaveVideo": EasyAnimateSaveVideo,

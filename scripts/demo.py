@@ -67,11 +67,15 @@ def main():
         if not videos:
             raise ServerError(f"the workflow finished but reported no .mp4: {result.outputs}\n" + server.log_tail())
         filename, subfolder, kind = videos[0]
-        video = args.out / filename
+        # a new name per run: earlier demo videos stay
+        video = args.out / f"easyanimate_demo_{time.strftime('%Y%m%d-%H%M%S')}_seed{seed}.mp4"
         video.write_bytes(server.view(filename, subfolder, kind))
         print(f"done in {time.monotonic() - start:.1f}s", flush=True)
     except Exception as e:  # one clear message with the server log, whatever failed
         print(f"\ndemo FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        if not isinstance(e, ServerError):  # e.g. a prompt the server refused: its log says why
+            print(server.log_tail(), file=sys.stderr)
+        print(f"(full server log: {args.out / 'server.log'})", file=sys.stderr)
         return 1
     finally:
         server.stop()

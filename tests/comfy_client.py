@@ -10,6 +10,7 @@ library and websocket-client, so it runs in the host venv without importing Comf
 """
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -95,12 +96,13 @@ class ComfyServer:
     """
 
     def __init__(self, host, base_dir, pack_dir=REPO_DIR, pack_folder_name="easyanimate-pack-under-test",
-                 extra_args=(), log_path=None):
+                 extra_args=(), log_path=None, address_space_limit=None):
         self.host = Path(host)
         self.base_dir = Path(base_dir)
         self.pack_dir = Path(pack_dir).resolve()
         self.pack_folder_name = pack_folder_name
         self.extra_args = list(extra_args)
+        self.address_space_limit = address_space_limit  # bytes: `ulimit -v` for the server process
         self.models_dir = self.base_dir / "models"
         self.output_dir = self.base_dir / "output"
         self.temp_dir = self.base_dir / "temp"
@@ -134,8 +136,11 @@ class ComfyServer:
                    HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")
+        limit = self.address_space_limit
         self._proc = subprocess.Popen(cmd, cwd=comfy_dir, env=env, stdout=self._log_file,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+                                      if limit else None)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:

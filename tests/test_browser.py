@@ -256,3 +256,46 @@ def test_queue_from_page_plays_in_node_and_survives_reload(page, comfy):
         values = dict((t, v) for t, v in dropped if t in ("EasyAnimateSaveVideo", "EasyAnimateEmptyLatent"))
         assert values["EasyAnimateSaveVideo"][:5] == ["browser/landscape", 12, format, 85, True], (format, dropped)
         assert values["EasyAnimateEmptyLatent"] == [64, 64, 8, 1], (format, dropped)
+
+
+JS_LORA_WARNING = """() => {
+    const node = window.app.graph._nodes.find(n => n.type === 'EasyAnimateLoraLoader');
+    const widget = (node.widgets || []).find(w => w.name === 'easyanimate_lora_warning');
+    return {text: widget ? widget.element.value : null, bgcolor: node.bgcolor ?? null};
+}"""
+
+
+def test_lora_warning_shows_in_the_node_when_strict_is_off(page, comfy):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(comfy.models_dir / "loras" / "easyanimate_portrait_lora.safetensors"))
+    tensors["lora_unet__transformer_blocks_0_attn1_to_nowhere.lora_down.weight"] = torch.ones(4, 64)
+    tensors["lora_unet__transformer_blocks_0_attn1_to_nowhere.lora_up.weight"] = torch.ones(64, 4)
+    save_file(tensors, str(comfy.models_dir / "loras" / "browser_junk_lora.safetensors"))
+    load_workflow(page, json.loads((EXAMPLES / "easyanimate_portrait_lora.json").read_text()))
+
+    def run(lora_name, strict):
+        page.evaluate("""([lora, strict]) => {
+            const set = (type, values) => {
+                const node = window.app.graph._nodes.find(n => n.type === type);
+                for (const [k, v] of Object.entries(values)) node.widgets.find(w => w.name === k).value = v;
+            };
+            set("EasyAnimateEmptyLatent", {width: 64, height: 64, frames: 4});
+            set("EasyAnimateSampler", {steps: 1});
+            set("EasyAnimateLoraLoader", {lora_name: lora, strict: strict});
+        }""", [lora_name, strict])
+        before = set(comfy.get_json("/history"))
+        page.evaluate("async () => { await window.app.queuePrompt(0); }")
+        return wait_for_run(comfy, before)
+
+    assert run("browser_junk_lora.safetensors", False)["status"]["status_str"] == "success"
+    page.wait_for_function(f"() => ({JS_LORA_WARNING})().text", timeout=30_000)
+    shown = page.evaluate(JS_LORA_WARNING)
+    assert "1 LoRA entries not applied" in shown["text"] and "to_nowhere" in shown["text"], shown
+    assert shown["bgcolor"] == "#553"
+    screenshot(page, "lora_warning.png")
+    # a clean run clears it
+    assert run("easyanimate_portrait_lora.safetensors", True)["status"]["status_str"] == "success"
+    page.wait_for_function(f"() => ({JS_LORA_WARNING})().text === ''", timeout=30_000)
+    assert page.evaluate(JS_LORA_WARNING)["bgcolor"] != "#553"

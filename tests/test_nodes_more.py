@@ -203,7 +203,7 @@ def test_core_clip_text_encode_equals_ours_and_cfg_one_ignores_negative(comfy):
     assert not torch.allclose(unguided, ours, atol=1e-4)  # cfg 6 vs 1
 
 
-def lora_graph(seed, loras, clip_from_lora=True):
+def lora_graph(seed, loras, clip_from_lora=True, strict=None):
     """graph() with a chain of EasyAnimateLoraLoader (name, strength_model, strength_clip) after the motion module."""
     g = graph(seed=seed)
     model, clip = ["2", 0], ["1", 1]
@@ -212,6 +212,8 @@ def lora_graph(seed, loras, clip_from_lora=True):
         g[node] = {"class_type": "EasyAnimateLoraLoader",
                    "inputs": {"model": model, "clip": clip, "lora_name": name, "strength_model": strength_model,
                               "strength_clip": strength_clip}}
+        if strict is not None:
+            g[node]["inputs"]["strict"] = strict
         model, clip = [node, 0], [node, 1]
     g["5"]["inputs"]["model"] = model
     if clip_from_lora:
@@ -242,7 +244,7 @@ def test_chained_loras_add_up(comfy):
     assert not torch.allclose(half, once, atol=1e-3)
 
 
-def test_lora_with_junk_keys_logs_them_and_applies_the_rest(comfy):
+def test_lora_with_junk_keys_fails_strict_or_applies_the_rest_with_a_visible_warning(comfy):
     tensors = load_file(str(comfy.models_dir / "loras" / LORA))
     junk = {"lora_unet__transformer_blocks_0_attn1_to_nowhere": (64, 64),
             "lora_te_encoder_block_0_layer_0_SelfAttention_nowhere": (32, 32)}
@@ -253,11 +255,17 @@ def test_lora_with_junk_keys_logs_them_and_applies_the_rest(comfy):
     save_file(tensors, str(comfy.models_dir / "loras" / "junk_lora.safetensors"))
     seed = random.randint(0, 2**31)
     clean = saved_latent(comfy, run_ok(comfy, lora_graph(seed, [(LORA, 1.0, 1.0)])))
-    with_junk = saved_latent(comfy, run_ok(comfy, lora_graph(seed, [("junk_lora.safetensors", 1.0, 1.0)])))
-    assert torch.equal(clean, with_junk)
-    log = comfy.log_text()
-    assert "junk_lora.safetensors: 2 LoRA entries not applied" in log, comfy.log_tail()
-    assert all(name in log for name in junk)
+    # strict (the default): the node fails and names every entry that does not apply
+    result = comfy.queue(lora_graph(seed, [("junk_lora.safetensors", 1.0, 1.0)]), timeout=300)
+    assert result.status_str == "error" and result.error["node_type"] == "EasyAnimateLoraLoader", result.error
+    message = result.error["exception_message"]
+    assert "2 LoRA entries do not apply" in message and all(name in message for name in junk), message
+    # strict off: the rest is applied, and the warning is a ui output of the node (shown by web/js), not only a log
+    result = run_ok(comfy, lora_graph(seed, [("junk_lora.safetensors", 1.0, 1.0)], strict=False))
+    assert torch.equal(clean, saved_latent(comfy, result))
+    warnings = result.outputs["30"]["easyanimate_lora_warnings"]
+    assert "junk_lora.safetensors: 2 LoRA entries not applied" in warnings[0]
+    assert all(name in warnings[0] for name in junk)
 
 
 def test_single_dit_file_of_the_released_width(comfy):

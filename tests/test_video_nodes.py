@@ -198,6 +198,29 @@ def test_failed_write_leaves_no_partial_file(video_nodes, dirs, monkeypatch):
     assert list(dirs[0].iterdir()) == []
 
 
+def test_leftover_partial_files_are_removed_unless_their_writer_is_alive(video_nodes, dirs):
+    import os
+
+    dirs[0].mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now
+    stale = [dirs[0] / ".EasyAnimate_00001_.gif.partial",  # the name before the owner was added
+             dirs[0] / f".EasyAnimate_00002_.mp4.{dead.pid}-1.partial"]
+    live = dirs[0] / f".other_00001_.webp.{video_nodes._OWNER}.partial"  # a save running in this process
+    for path in stale + [live]:
+        path.write_bytes(b"half a video")
+    save(video_nodes, torch.rand(2, 8, 8, 3), "gif")
+    assert sorted(p.name for p in dirs[0].iterdir()) == sorted([live.name, "EasyAnimate_00001_.gif"])
+    # at load the whole output and temp trees are cleaned (a crash may have left them in subfolders)
+    (dirs[0] / "sub").mkdir()
+    (dirs[0] / "sub" / stale[1].name).write_bytes(b"x")
+    dirs[1].mkdir(parents=True, exist_ok=True)
+    (dirs[1] / stale[0].name).write_bytes(b"x")
+    video_nodes.remove_stale_partials_at_load()
+    assert not any(p.name.endswith(".partial") and p != live for p in dirs[0].rglob("*"))
+    assert os.listdir(dirs[1]) == []
+
+
 # ---- in the real server -----------------------------------------------------------------------------------
 def solid_frames_prompt(save_node, width=34, height=26, frames=5):
     """Core EmptyImage frames -> our save node -> core CreateVideo + SaveVideo (frames handed on)."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..config import IMAGE_SIZE_MULTIPLE, SIZE_MULTIPLE
+
 MODES = ("motion", "t2i", "lora", "video_lora")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 # what each mode trains by default (docs/MODEL.md §D.1; substrings of parameter names). t2i trains everything; the
@@ -113,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         _fail(parser, "--lr_warmup_steps, --max_grad_norm and --dataloader_num_workers must be >= 0")
     video = args.mode in ("motion", "video_lora")
     # the motion module attends over 2x2 windows of the latent patch grid: pixel sides must be multiples of 32
-    unit = 32 if video else 16
+    unit = SIZE_MULTIPLE if video else IMAGE_SIZE_MULTIPLE
     if args.sample_size % unit:
         _fail(parser, f"--sample_size must be a multiple of {unit} for --mode {args.mode}, got {args.sample_size}")
     if args.random_ratio_crop and not args.enable_bucket:

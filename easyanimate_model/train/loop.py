@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from ..config import IMAGE_SIZE_MULTIPLE, SIZE_MULTIPLE
 from ..vae import latent_distribution, sample_latents
 from . import export
 from .data import BatchPlanner, DataConfig, DatasetError, SkipLog, epoch_loader, read_metadata
@@ -405,7 +406,7 @@ class Trainer:
         cfg = DataConfig(sample_size=args.sample_size, n_frames=args.sample_n_frames if args.video else 1,
                          stride=args.sample_stride, enable_bucket=args.enable_bucket,
                          random_ratio_crop=args.random_ratio_crop, random_frame_crop=args.random_frame_crop,
-                         flip=not args.no_flip, size_multiple=32 if args.video else 16)
+                         flip=not args.no_flip, size_multiple=SIZE_MULTIPLE if args.video else IMAGE_SIZE_MULTIPLE)
         self.planner = BatchPlanner(samples, cfg, args.train_batch_size, args.seed, self.skips)
         batches = len(self.planner.plan(0)) // self.rt.world
         if batches == 0:
