@@ -1,8 +1,11 @@
 """pytest setup: the repo on sys.path, the `server` marker, and the session fixture `comfy`.
 
-`comfy` starts the real ComfyUI 0.3.75 test host (scripts/setup_host.sh; $COMFY_HOST_DIR, default <repo>/.host)
+`comfy` starts the real ComfyUI of the test host (scripts/setup_host.sh or setup_host_current.sh; $COMFY_HOST_DIR,
+default <repo>/.host; see tests/comfy_client.py for COMFY_UI_DIR, COMFY_SERVER_ARGS, COMFY_FORCE_DYNAMIC_VRAM)
 once per session, with tiny release models in its models folder and this repo linked in as a custom node.
 Only tests that request it start a server; they are marked `server` automatically (`-m "not server"` skips them).
+The extra tiers of .ci/run run `-m "server or every_host"`: `every_host` marks library tests whose result depends
+on the host's packages (e.g. the tokenizer under transformers 5 without protobuf).
 """
 import shutil
 import sys
@@ -11,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from comfy_client import REPO_DIR, ComfyServer, ServerError, host_dir, host_python
+from comfy_client import REPO_DIR, ComfyServer, ServerError, artifacts_dir, host_dir, host_python
 
-ARTIFACTS_DIR = REPO_DIR / "test_artifacts"
+ARTIFACTS_DIR = artifacts_dir()
 if str(REPO_DIR) not in sys.path:  # `import easyanimate_model` from tests, without installing the pack
     sys.path.insert(0, str(REPO_DIR))
 
@@ -24,6 +27,7 @@ PACK_FOLDER_NAME = "easyanimate-pack-under-test"
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts the real ComfyUI server (session fixture `comfy`)")
     config.addinivalue_line("markers", "browser: drives the real frontend in Debian's chromium (Playwright)")
+    config.addinivalue_line("markers", "every_host: a library test that the extra tiers of .ci/run run too")
 
 
 def pytest_collection_modifyitems(config, items):
