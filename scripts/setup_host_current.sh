@@ -88,6 +88,10 @@ pip_ install -q -U -c "$CONSTRAINTS" "transformers>=5" tokenizers huggingface_hu
     die "pip could not install transformers 5"
 # ComfyUI does not require protobuf and many users lack it: the pack must work without it
 pip_ uninstall -q -y protobuf || true
+# ...but the tokenizer test's reference (transformers 4's slow T5Tokenizer, in the 0.3.75 venv) needs it for
+# legacy=False folders: a folder of its own, put on that reference's PYTHONPATH only (tests/test_tokenizer.py)
+rm -rf "$HOST/reference-protobuf"
+pip_ install -q --no-deps --target "$HOST/reference-protobuf" protobuf || die "pip could not install protobuf for the reference"
 pip_ check >/dev/null || say "note: pip check: $(pip_ check | head -5 | tr '\n' ' ')"
 
 "$PY" - "$version" <<'EOF' || die "import/version check failed"

@@ -3,8 +3,9 @@ docs/ARCHITECTURE.md) with any transformers version, with or without protobuf.
 
 The reference ids come from a real slow T5Tokenizer: in this interpreter when its transformers has one (4.x), else
 in the 0.3.75 test host's venv ($T5_REFERENCE_PYTHON, default <repo>/.host/venv/bin/python, transformers 4.57),
-so the current-ComfyUI tier (transformers 5, no protobuf) compares against it too. Marked `every_host`: every
-tier of .ci/run runs this file.
+so the current-ComfyUI tier (transformers 5, no protobuf) compares against it too. `legacy=False` folders need
+protobuf in the reference: $T5_REFERENCE_PYTHONPATH (set by .ci/run) goes on its PYTHONPATH. Marked `every_host`:
+every tier of .ci/run runs this file.
 """
 import json
 import os
@@ -97,8 +98,12 @@ def reference(tmp_path_factory):
     folders = [("release", str(release), None), ("saved", str(release), str(root / "saved")),
                ("spiece_only", str(bare), None)]
     job = json.dumps({"folders": folders, "prompts": ALL_PROMPTS})
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
+    if os.environ.get("T5_REFERENCE_PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["T5_REFERENCE_PYTHONPATH"],
+                                                          env.get("PYTHONPATH")]))
     run = subprocess.run([reference_python(), "-c", REFERENCE], input=job, capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"))
+                         timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1]), {"release": release, "saved": root / "saved",
                                                               "spiece_only": bare}
