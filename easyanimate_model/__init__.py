@@ -26,6 +26,8 @@ _EXPORTS = {
     "load_lora": "lora",
     "LoraReport": "lora",
     "load_text_encoder": "text",
+    "load_tokenizer": "text",
+    "T5SentencePieceTokenizer": "text",
     "encode_prompt": "text",
     "preprocess_prompt": "text",
     "DEFAULT_NEGATIVE_PROMPT": "text",

@@ -1,15 +1,16 @@
 """Prompt preprocessing, HF T5 loading and prompt encoding as the v1 pipeline does it (docs/MODEL.md §C.3).
 
 The PixArt folder ships `text_encoder/` (T5-v1.1-XXL encoder, sharded safetensors + index) and `tokenizer/`
-(SentencePiece `spiece.model`, no `tokenizer.json`), so the slow `T5Tokenizer` is used. transformers is imported
-only when a text encoder is loaded; bs4 and ftfy (requirements.txt) when a prompt is cleaned.
+(SentencePiece `spiece.model`, no `tokenizer.json`). v1 tokenized with transformers 4.x's slow `T5Tokenizer`;
+`T5SentencePieceTokenizer` gives the same ids on the `sentencepiece` package alone, so they do not change with the
+transformers version (5.x has no slow T5 tokenizer and needs protobuf to convert spiece.model). transformers is
+imported only when a text encoder is loaded;
+bs4 and ftfy (requirements.txt) when a prompt is cleaned.
 """
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
-import logging
 import re
 import urllib.parse
 from pathlib import Path
@@ -19,7 +20,6 @@ import torch
 from .errors import EasyAnimateLoadError
 from .files import describe, find_weights, open_weights, read_json, validate_shapes
 
-logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 120
 
@@ -205,26 +205,209 @@ def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu"):
 
 
 def load_tokenizer(tokenizer_dir):
-    """The slow SentencePiece T5Tokenizer of a tokenizer/ folder (spiece.model; no tokenizer.json needed), as v1."""
-    from transformers import T5Tokenizer
-
+    """The T5 tokenizer of a tokenizer/ folder (spiece.model; no tokenizer.json needed): `T5SentencePieceTokenizer`,
+    which gives transformers 4.x's slow `T5Tokenizer` ids (what v1 ran) with any transformers version."""
     tokenizer_dir = Path(tokenizer_dir)
-    return T5Tokenizer.from_pretrained(str(tokenizer_dir), legacy=_tokenizer_legacy(tokenizer_dir))
-
-
-def _tokenizer_legacy(tokenizer_dir: Path) -> bool:
-    """The tokenizer's `legacy` flag; absent means True (transformers' default, what v1 ran with).
-
-    legacy=False needs protobuf; without it fall back to legacy=True, which tokenizes plain prompts identically
-    (the two modes differ only right after special tokens written into the text).
-    """
+    vocab_file = tokenizer_dir / "spiece.model"
+    if not vocab_file.is_file():
+        raise EasyAnimateLoadError(f"{vocab_file}: expected the T5 SentencePiece tokenizer (spiece.model), "
+                                   f"file not found")
     config_file = tokenizer_dir / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     legacy = config.get("legacy")
-    if legacy is False and importlib.util.find_spec("google.protobuf") is None:
-        logger.warning("%s asks for legacy=False, which needs protobuf (not installed): using legacy=True", config_file)
-        return True
-    return True if legacy is None else legacy
+    # which special tokens eat the spaces beside them: as saved in the config (transformers >= 4.34 writes
+    # added_tokens_decoder); added_tokens.json (older saves, the PixArt release) loads them without stripping; with
+    # neither, the slow tokenizer's own defaults (the <extra_id_N> strip both sides)
+    if isinstance(config.get("added_tokens_decoder"), dict):
+        strip = {t["content"]: (bool(t.get("lstrip")), bool(t.get("rstrip")))
+                 for t in config["added_tokens_decoder"].values()}
+    elif (tokenizer_dir / "added_tokens.json").is_file():
+        strip = {}
+    else:
+        strip = None
+    return T5SentencePieceTokenizer(vocab_file, legacy=True if legacy is None else bool(legacy),
+                                    extra_ids=int(config.get("extra_ids", 100)),
+                                    model_max_length=int(config.get("model_max_length", 512)), strip=strip)
+
+
+SPIECE_UNDERLINE = "\u2581"
+
+
+class TokenizerOutput(dict):
+    """`input_ids` and `attention_mask`, as keys and attributes (like transformers' BatchEncoding)."""
+
+    __getattr__ = dict.__getitem__
+
+
+class T5SentencePieceTokenizer:
+    """transformers 4.x's slow `T5Tokenizer` (the one v1 used, spec C.3), on the `sentencepiece` package alone.
+
+    transformers 5 has no slow T5Tokenizer: it converts spiece.model into a fast tokenizer, which needs protobuf
+    (not a ComfyUI requirement) and fails without it. This class repeats what the slow tokenizer does, so the ids
+    are the same with every transformers version, with or without protobuf: the special tokens (<pad>, </s>, <unk>,
+    <extra_id_N>) written in the text are kept whole (the <extra_id_N> eat the spaces around them), the rest goes
+    through SentencePiece; `legacy=False` (a tokenizer_config.json flag; absent = True, as the PixArt release) encodes
+    the pieces after a special token without the dummy "▁" prefix; one </s> is appended unless the ids already end
+    with it; truncation keeps room for it; padding is on the right with id 0 and a 0 mask.
+    """
+
+    def __init__(self, vocab_file, legacy: bool = True, extra_ids: int = 100, model_max_length: int = 512,
+                 strip: dict | None = None):
+        import sentencepiece as spm
+
+        self.vocab_file = str(vocab_file)
+        self.legacy = legacy
+        self.model_max_length = model_max_length
+        proto = Path(vocab_file).read_bytes()
+        self.sp_model = spm.SentencePieceProcessor(model_proto=proto)
+        # legacy=False: transformers re-serialises the model with add_dummy_prefix off (through protobuf)
+        self._sp_encoder = self.sp_model if legacy else spm.SentencePieceProcessor(
+            model_proto=_without_dummy_prefix(proto))
+        size = self.sp_model.get_piece_size()
+        self.pad_token, self.eos_token, self.unk_token = "<pad>", "</s>", "<unk>"
+        self.pad_token_id, self.eos_token_id, self.unk_token_id = (
+            self.sp_model.piece_to_id(t) for t in (self.pad_token, self.eos_token, self.unk_token))
+        self.extra_ids = [f"<extra_id_{i}>" for i in range(extra_ids)]
+        self.special_tokens = {t: self.sp_model.piece_to_id(t) for t in (self.pad_token, self.eos_token,
+                                                                           self.unk_token)}
+        self.special_tokens.update({t: size - 1 + extra_ids - i for i, t in enumerate(self.extra_ids)})
+        self._special_by_id = {i: t for t, i in self.special_tokens.items()}
+        # token -> (lstrip, rstrip): does it eat the spaces on its left / right (None: slow T5Tokenizer defaults)
+        self._strip = strip if strip is not None else {t: (True, True) for t in self.extra_ids}
+        # leftmost match, longest first at one position (transformers' added-token trie)
+        self._special_split = re.compile("(" + "|".join(
+            re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True)) + ")")
+        self._unk_length = len(self._sp_encoder.encode(self.unk_token, out_type=str))
+
+    def __len__(self):
+        return len(self._special_by_id.keys() | set(range(self.sp_model.get_piece_size())))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp_model.get_piece_size()
+
+    def tokenize(self, text: str) -> list:
+        """Pieces of `text`; special tokens stay whole."""
+        if not self.legacy and text:
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        parts = self._special_split.split(text)
+        for i in range(1, len(parts), 2):  # odd indices: the special tokens
+            lstrip, rstrip = self._strip.get(parts[i], (False, False))
+            if rstrip and i + 1 < len(parts):
+                parts[i + 1] = parts[i + 1].lstrip()
+            if lstrip:
+                parts[i - 1] = parts[i - 1].rstrip()
+        tokens = []
+        for i, part in enumerate(parts):
+            if part:
+                tokens.extend([part] if i % 2 else self._encode_piece_text(part))
+        if not self.legacy and len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.special_tokens:
+            tokens = tokens[1:]
+        return tokens
+
+    def _encode_piece_text(self, text: str) -> list:
+        if self.legacy or not text.startswith((SPIECE_UNDERLINE, " ")):
+            return self._sp_encoder.encode(text, out_type=str)
+        # legacy=False: encode "<unk>" + text and drop the <unk> pieces, so the text gets no extra "▁"
+        tokens = self._sp_encoder.encode(self.unk_token + text, out_type=str)
+        return tokens[self._unk_length:] if len(tokens) >= self._unk_length else tokens
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.special_tokens.get(tokens, self.sp_model.piece_to_id(tokens))
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._special_by_id.get(ids) or self.sp_model.id_to_piece(ids)
+        return [self.convert_ids_to_tokens(int(i)) for i in ids]
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None,
+               truncation: bool = False) -> list:
+        ids = self.convert_tokens_to_ids(self.tokenize(text))
+        if truncation:
+            limit = (max_length or self.model_max_length) - (1 if add_special_tokens else 0)
+            ids = ids[:max(limit, 0)]
+        if add_special_tokens and not (ids and ids[-1] == self.eos_token_id):
+            ids = ids + [self.eos_token_id]
+        return ids
+
+    def __call__(self, text, padding=False, max_length: int | None = None, truncation: bool = False,
+                 add_special_tokens: bool = True, return_tensors=None, return_attention_mask: bool = True):
+        """`input_ids` and `attention_mask` like transformers' tokenizer call (padding False/True/"longest"/
+        "max_length", truncation True/False, return_tensors None or "pt"); a string gives flat lists."""
+        single = isinstance(text, str)
+        ids = [self.encode(t, add_special_tokens, max_length, truncation) for t in ([text] if single else text)]
+        if padding == "max_length":
+            width = max_length or self.model_max_length
+        elif padding in (True, "longest"):
+            width = max((len(x) for x in ids), default=0)
+        elif padding in (False, None, "do_not_pad"):
+            width = None
+        else:
+            raise ValueError(f"padding: expected True, False, 'longest' or 'max_length', found {padding!r}")
+        masks = [[1] * len(x) for x in ids]
+        if width is not None:
+            masks = [m + [0] * (width - len(x)) for m, x in zip(masks, ids)]
+            ids = [x + [self.pad_token_id] * (width - len(x)) for x in ids]
+        if return_tensors == "pt":
+            ids, masks = torch.tensor(ids, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+        elif return_tensors is not None:
+            raise ValueError(f"return_tensors: expected None or 'pt', found {return_tensors!r}")
+        out = TokenizerOutput(input_ids=ids[0] if single and return_tensors is None else ids)
+        if return_attention_mask:
+            out["attention_mask"] = masks[0] if single and return_tensors is None else masks
+        return out
+
+
+def _without_dummy_prefix(proto: bytes) -> bytes:
+    """A serialized SentencePiece ModelProto with normalizer_spec.add_dummy_prefix = False, without protobuf.
+
+    Wire format: ModelProto field 3 is the NormalizerSpec message, whose field 3 is add_dummy_prefix (bool); a
+    field repeated later wins, so appending `add_dummy_prefix = 0` (key 0x18, value 0x00) to it sets it.
+    """
+    def varint(data, pos):
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            value |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                return value, pos
+
+    def encode_varint(value):
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    out, pos, patched = bytearray(), 0, False
+    while pos < len(proto):
+        start = pos
+        key, pos = varint(proto, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = varint(proto, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, body = varint(proto, pos)
+            pos = body + length
+            if field == 3:
+                message = proto[body:pos] + b"\x18\x00"
+                out += encode_varint(key) + encode_varint(len(message)) + message
+                patched = True
+                continue
+        else:
+            raise EasyAnimateLoadError(f"spiece.model: expected a SentencePiece model, found wire type {wire}")
+        out += proto[start:pos]
+    if not patched:
+        out += b"\x1a\x02\x18\x00"  # no normalizer_spec at all: add one holding only add_dummy_prefix = 0
+    return bytes(out)
 
 
 def _version_tuple(version: str) -> tuple:

@@ -10,7 +10,9 @@ library and websocket-client, so it runs in the host venv without importing Comf
 """
 import json
 import os
+import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -36,13 +38,47 @@ T2V_NODES = ("EasyAnimateLoadPipeline", "EasyAnimateLoadMotionModule", "EasyAnim
              "EasyAnimateEmptyLatent", "EasyAnimateSampler", "EasyAnimateVAEDecode", "EasyAnimateSaveVideo")
 
 
+# the test-only custom node that switches DynamicVRAM on as main.py does on NVIDIA (tests/host/force_dynamic_vram/)
+FORCE_DYNAMIC_VRAM_NODES = REPO_DIR / "tests" / "host" / "force_dynamic_vram"
+FORCE_DYNAMIC_VRAM_MARK = "ea_force_dynamic_vram: DynamicVRAM forced on"
+
+
+def artifacts_dir():
+    """Where server logs, screenshots and junit.xml go: $TEST_ARTIFACTS_DIR (set per tier by .ci/run)."""
+    return Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO_DIR / "test_artifacts").resolve()
+
+
 def host_dir():
     """The test host made by scripts/setup_host.sh: $COMFY_HOST_DIR, default <repo>/.host."""
     return Path(os.environ.get("COMFY_HOST_DIR") or REPO_DIR / ".host").resolve()
 
 
 def host_python(host=None):
+    """The host's interpreter: $COMFY_PYTHON, else <host>/venv/bin/python."""
+    if os.environ.get("COMFY_PYTHON"):
+        return Path(os.environ["COMFY_PYTHON"])
     return (Path(host) if host else host_dir()) / "venv" / "bin" / "python"
+
+
+def host_comfy_dir(host=None):
+    """The ComfyUI tree the server runs: $COMFY_UI_DIR, else <host>/ComfyUI."""
+    if os.environ.get("COMFY_UI_DIR"):
+        return Path(os.environ["COMFY_UI_DIR"]).resolve()
+    return (Path(host) if host else host_dir()) / "ComfyUI"
+
+
+def env_server_args():
+    """Extra main.py arguments from $COMFY_SERVER_ARGS (shell words, e.g. `--front-end-root /x/static`)."""
+    return shlex.split(os.environ.get("COMFY_SERVER_ARGS", ""))
+
+
+def env_force_dynamic_vram():
+    return os.environ.get("COMFY_FORCE_DYNAMIC_VRAM", "") not in ("", "0")
+
+
+def stats_version(stats):
+    """ComfyUI's version from a /system_stats answer ("0.0.0" when it has none)."""
+    return str((stats.get("system") or {}).get("comfyui_version") or "0.0.0")
 
 
 class ServerError(RuntimeError):
@@ -89,19 +125,24 @@ def free_port():
 
 
 class ComfyServer:
-    """A real ComfyUI (from host_dir/ComfyUI, run by host_dir/venv) on a free loopback port.
+    """A real ComfyUI (host_comfy_dir(host), run by host_python(host)) on a free loopback port.
 
     base_dir is a throw-away --base-directory (models/, output/, temp/, input/, user/ live there); the pack
-    at pack_dir is symlinked as base_dir/custom_nodes/<pack_folder_name>.
+    at pack_dir is symlinked as base_dir/custom_nodes/<pack_folder_name>. extra_args go to main.py (default:
+    $COMFY_SERVER_ARGS); force_dynamic_vram (default: $COMFY_FORCE_DYNAMIC_VRAM) loads the test-only node of
+    tests/host/force_dynamic_vram/ before the pack. After start(), `version` is the server's ComfyUI version.
     """
 
     def __init__(self, host, base_dir, pack_dir=REPO_DIR, pack_folder_name="easyanimate-pack-under-test",
-                 extra_args=(), log_path=None, address_space_limit=None):
+                 extra_args=None, log_path=None, force_dynamic_vram=None, address_space_limit=None):
         self.host = Path(host)
         self.base_dir = Path(base_dir)
         self.pack_dir = Path(pack_dir).resolve()
         self.pack_folder_name = pack_folder_name
-        self.extra_args = list(extra_args)
+        self.extra_args = env_server_args() if extra_args is None else list(extra_args)
+        self.force_dynamic_vram = env_force_dynamic_vram() if force_dynamic_vram is None else force_dynamic_vram
+        self.comfy_dir = host_comfy_dir(self.host)
+        self.version = None
         self.address_space_limit = address_space_limit  # bytes: `ulimit -v` for the server process
         self.models_dir = self.base_dir / "models"
         self.output_dir = self.base_dir / "output"
@@ -114,10 +155,10 @@ class ComfyServer:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self, timeout=240):
-        python, comfy_dir = host_python(self.host), self.host / "ComfyUI"
+        python, comfy_dir = host_python(self.host), self.comfy_dir
         if not python.exists() or not (comfy_dir / "main.py").exists():
-            raise ServerError(f"no test host at {self.host} (expected venv/bin/python and ComfyUI/main.py): "
-                              f"run `bash scripts/setup_host.sh {self.host}` first")
+            raise ServerError(f"no test host: {python} or {comfy_dir}/main.py missing: run "
+                              f"`bash scripts/setup_host.sh {self.host}` first (or set COMFY_PYTHON / COMFY_UI_DIR)")
         # 0.3.75 crashes in prestartup when <base>/custom_nodes is missing
         (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +171,14 @@ class ComfyServer:
                "--disable-auto-launch", "--base-directory", str(self.base_dir),
                "--database-url", "sqlite:///:memory:",
                # latent previews as in a UI setup (core default: none); extra_args can override it
-               "--preview-method", "latent2rgb", *self.extra_args]
+               "--preview-method", "latent2rgb"]
+        if self.force_dynamic_vram:
+            # is_default puts this folder first in custom_nodes, so the switch is set before the pack imports
+            extra = self.base_dir / "force_dynamic_vram.yaml"
+            extra.write_text(f"ea_force_dynamic_vram:\n  is_default: true\n"
+                             f"  custom_nodes: {json.dumps(str(FORCE_DYNAMIC_VRAM_NODES))}\n")
+            cmd += ["--extra-model-paths-config", str(extra)]
+        cmd += self.extra_args
         # models are local files only: never reach for a hub
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1")
@@ -148,13 +196,18 @@ class ComfyServer:
                 raise ServerError(f"ComfyUI exited with code {self._proc.returncode} during start\n"
                                   + self.log_tail())
             try:
-                self.get_json("/system_stats", timeout=2)
+                stats = self.get_json("/system_stats", timeout=2)
                 break
             except (OSError, ValueError):
                 if time.monotonic() > deadline:
                     self.stop()
                     raise ServerError(f"ComfyUI did not answer on {self.url} within {timeout} s\n" + self.log_tail())
                 time.sleep(0.25)
+        self.version = tuple(int(x) for x in re.findall(r"\d+", stats_version(stats))[:3])
+        if self.force_dynamic_vram and FORCE_DYNAMIC_VRAM_MARK not in self.log_text():
+            self.stop()
+            raise ServerError(f"DynamicVRAM was to be forced on, but the log lacks {FORCE_DYNAMIC_VRAM_MARK!r}\n"
+                              + self.log_tail())
         failed = self.import_failures()
         if failed:
             self.stop()

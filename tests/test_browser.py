@@ -1,7 +1,7 @@
-"""The real ComfyUI frontend (1.32.9) in Debian's headless Chromium, driven by Playwright, against the `comfy`
+"""The real ComfyUI frontend (the host's: 1.32.9 with 0.3.75, 1.49.6 with 0.33.0) in Debian's headless Chromium, driven by Playwright, against the `comfy`
 server: the example workflows load without missing nodes or console errors, a run queued from the page plays in
 the save node, and the preview survives reloading. Never downloads a browser: without /usr/bin/chromium or the
-playwright package the tests are skipped. Screenshots go to test_artifacts/."""
+playwright package the tests are skipped. Screenshots go to test_artifacts/ ($TEST_ARTIFACTS_DIR)."""
 import json
 import time
 import urllib.parse
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from comfy_client import REPO_DIR
+from comfy_client import REPO_DIR, artifacts_dir
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = REPO_DIR / "test_artifacts"
+ARTIFACTS = artifacts_dir()
 EXAMPLES = REPO_DIR / "example_workflows"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.json"))
 OUR_NODES = ("EasyAnimateSaveVideo", "EasyAnimatePreviewVideo")

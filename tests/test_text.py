@@ -51,7 +51,7 @@ def pipeline_dir(tmp_path_factory):
 
 def test_load_from_pipeline_and_subfolders(pipeline_dir):
     tokenizer, encoder = text.load_text_encoder(pipeline_dir)
-    assert type(tokenizer).__name__ == "T5Tokenizer" and type(encoder).__name__ == "T5EncoderModel"
+    assert type(tokenizer).__name__ == "T5SentencePieceTokenizer" and type(encoder).__name__ == "T5EncoderModel"
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
     assert not encoder.training and encoder.dtype == torch.float32
     for folder in (pipeline_dir / "text_encoder", pipeline_dir / "tokenizer"):
