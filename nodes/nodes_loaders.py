@@ -1,17 +1,20 @@
-"""Loader nodes: pipeline folder / single DiT file -> MODEL (+ CLIP, VAE); motion module and base checkpoint
-applied to clones of a MODEL as weight patches (the input MODEL is never changed)."""
+"""Loader nodes: pipeline folder / single DiT file -> MODEL (+ CLIP, VAE); the motion module and a base checkpoint
+give a NEW MODEL built from the input's weights plus the loaded ones (the input MODEL is never changed; see
+model_patching.py). Each loader step is a module-level function taking `disable_dynamic`, so it can serve as the
+MODEL's `cached_patcher_init` (core re-creates models through it for multi-GPU and non-dynamic clones)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
 
-from ..easyanimate_model.loading import (CheckpointFile, EasyAnimateLoadError, identify_foreign, read_transformer,
-                                         validate_shapes)
+from ..easyanimate_model.loading import (CheckpointFile, EasyAnimateLoadError, identify_foreign, infer_motion_config,
+                                         read_transformer, validate_shapes)
 from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
 from .comfy_model import WEIGHT_DTYPES
-from .model_patching import add_weight_patches, build_model_patcher, easyanimate_model
+from .model_patching import (build_model_patcher, derived_init, easyanimate_model, motion_key_shapes,
+                             with_motion_structure, with_weights)
 from .comfy_clip import TEXT_ENCODER_DEVICES
 from .nodes_text import load_t5_from_pipeline
 from .nodes_vae import load_pipeline_vae
@@ -20,6 +23,21 @@ log = logging.getLogger("EasyAnimate")
 
 WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the transformer weights. default: ComfyUI's choice for the device; fp8 "
                         "halves memory (computed in fp16/bf16/fp32).")
+
+
+def load_pipeline_model(folder: str, weight_dtype: str, disable_dynamic=False):
+    """The MODEL of a pipeline folder's transformer/."""
+    config, state = read_transformer(folder, dtype=None)  # file dtype: tensors stay file-backed until assigned
+    return build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"),
+                               patcher_init=(load_pipeline_model, (folder, weight_dtype)),
+                               disable_dynamic=disable_dynamic)
+
+
+def load_dit_model(path: str, weight_dtype: str, disable_dynamic=False):
+    """The MODEL of a single transformer file (2D, or 3D with the motion module)."""
+    config, state = read_transformer(path, dtype=None)
+    return build_model_patcher(config, state, weight_dtype, path, patcher_init=(load_dit_model, (path, weight_dtype)),
+                               disable_dynamic=disable_dynamic)
 
 
 def _load_error(node, e):
@@ -51,9 +69,7 @@ class EasyAnimateLoadPipeline:
     def load(self, pipeline, weight_dtype, text_encoder_device):
         folder = model_files.pipeline_path(pipeline)
         try:
-            config, state = read_transformer(folder, dtype=None)
-            model = build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"))
-            del state
+            model = load_pipeline_model(folder, weight_dtype)
             clip = load_t5_from_pipeline(folder, text_encoder_device)
             vae = load_pipeline_vae(os.path.join(folder, "vae"))
         except (EasyAnimateLoadError, ValueError) as e:
@@ -82,31 +98,52 @@ class EasyAnimateLoadDiT:
     def load(self, dit_name, weight_dtype):
         path = model_files.full_path(dit_name, "diffusion_models", "checkpoints")
         try:
-            config, state = read_transformer(path, dtype=None)
-            return (build_model_patcher(config, state, weight_dtype, path),)
+            return (load_dit_model(path, weight_dtype),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadDiT", e) from None
 
 
-def _read_motion_module(path: str, model) -> dict:
-    """The motion-module tensors of `path`, checked against the model's motion-module keys and shapes."""
+def _read_motion_module(path: str, config) -> tuple:
+    """(config with the file's motion module, its motion-module tensors), checked against that config's shapes."""
     weights = CheckpointFile(path)
     foreign = identify_foreign(weights.shapes)
     if foreign:
         raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module, found {foreign}")
-    expected = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()
-                if Transformer3DModel.is_motion_key(k)}
     keys = [k for k in weights.keys() if Transformer3DModel.is_motion_key(k)]
     if not keys:
         raise EasyAnimateLoadError(f"{path}: expected an EasyAnimate motion module (keys "
                                    f"'transformer_blocks.N.attn_temporal...'), found none among {len(weights.keys())} "
                                    f"keys (e.g. {sorted(weights.keys())[:3]})")
-    optional = {k for k in expected if k.endswith("pos_encoder.pe")}  # absent: the model keeps its computed table
-    validate_shapes({k: weights.shapes[k] for k in keys}, expected, path, optional)
+    shapes = {k: weights.shapes[k] for k in keys}
+    config = dataclasses.replace(config, motion_module=infer_motion_config(shapes))
+    expected = motion_key_shapes(config)
+    optional = {k for k in expected if k.endswith("pos_encoder.pe")}  # absent: the model computes the table
+    validate_shapes(shapes, expected, path, optional)
     if len(keys) < len(weights.keys()):
         log.warning("%s: only its %d motion-module keys are used (%d other keys ignored)", path, len(keys),
                     len(weights.keys()) - len(keys))
-    return weights.read(keys)
+    return config, weights.read(keys)
+
+
+def apply_motion_module(model, path: str):
+    """A new MODEL: `model`'s weights (shared) plus the motion module of `path` (replacing one already there)."""
+    inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
+    config, state = _read_motion_module(path, inner.diffusion_model.config)
+    return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_motion_module, path))
+
+
+def apply_base_checkpoint(model, path: str):
+    """A new MODEL: `model` with the 2D weights (and the motion module, if the file has one) of `path`."""
+    inner = easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
+    # like the original's load_state_dict(strict=False): a full 3D checkpoint replaces the motion module too
+    has_motion = any(Transformer3DModel.is_motion_key(k) for k in CheckpointFile(path).keys())
+    ours = inner.diffusion_model.config
+    # checked (and original PixArt keys converted) against this model's config
+    config = with_motion_structure(ours) if has_motion else dataclasses.replace(ours, motion_module=None)
+    config, state = read_transformer(path, config=config, dtype=None)
+    if not has_motion:
+        config = ours  # the input's motion module (if any) stays
+    return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_base_checkpoint, path))
 
 
 class EasyAnimateLoadMotionModule:
@@ -128,11 +165,10 @@ class EasyAnimateLoadMotionModule:
         }}
 
     def apply(self, model, motion_module_name):
-        inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
+        easyanimate_model(model, "EasyAnimateLoadMotionModule")
         path = model_files.full_path(motion_module_name, model_files.EASYANIMATE_FOLDER)
         try:
-            state = _read_motion_module(path, inner)
-            return (add_weight_patches(model, state, enable_motion_module=True),)
+            return (apply_motion_module(model, path),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadMotionModule", e) from None
 
@@ -156,16 +192,10 @@ class EasyAnimateLoadBaseCheckpoint:
         }}
 
     def apply(self, model, ckpt_name):
-        inner = easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
+        easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
         path = model_files.full_path(ckpt_name, model_files.EASYANIMATE_FOLDER, "diffusion_models")
         try:
-            # like the original's load_state_dict(strict=False): a full 3D checkpoint replaces the motion module too
-            has_motion = any(Transformer3DModel.is_motion_key(k) for k in CheckpointFile(path).keys())
-            ours = inner.diffusion_model.config
-            # checked (and original PixArt keys converted) against this model's config
-            config = ours if has_motion else dataclasses.replace(ours, motion_module=None)
-            _, state = read_transformer(path, config=config, dtype=None)
-            return (add_weight_patches(model, state, enable_motion_module=has_motion),)
+            return (apply_base_checkpoint(model, path),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadBaseCheckpoint", e) from None
 

@@ -20,7 +20,7 @@ def _t5_state_dict(weights) -> dict:
     return weights.read(weights.keys())
 
 
-def load_t5_from_pipeline(folder: str, device: str):
+def load_t5_from_pipeline(folder: str, device: str, disable_dynamic=False):
     """CLIP from a pipeline folder's text_encoder/ (config.json + weights, sharded or not) and tokenizer/."""
     encoder_dir, tokenizer_dir = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
     config_file = os.path.join(encoder_dir, "config.json")
@@ -35,7 +35,8 @@ def load_t5_from_pipeline(folder: str, device: str):
     path = os.path.join(encoder_dir, name)
     weights = ShardedCheckpoint(Path(path)) if name.endswith(".json") else CheckpointFile(path)
     config = comfy_t5_config(read_hf_config(config_file), config_file)
-    return build_clip(_t5_state_dict(weights), config, tokenizer_dir, device, encoder_dir)
+    return build_clip(_t5_state_dict(weights), config, tokenizer_dir, device, encoder_dir,
+                      reload=(load_t5_from_pipeline, (folder, device)), disable_dynamic=disable_dynamic)
 
 
 def t5_config_from_shapes(shapes: dict, source: str) -> dict:
@@ -60,7 +61,7 @@ def t5_config_from_shapes(shapes: dict, source: str) -> dict:
                             "feed_forward_proj": "gated-gelu" if gated else "relu"}, source)
 
 
-def load_t5_from_file(path: str, device: str):
+def load_t5_from_file(path: str, device: str, disable_dynamic=False):
     """CLIP from a single T5 encoder file (text_encoders/, e.g. t5xxl_fp16.safetensors; HF T5 key names): the size
     read from the weights and ComfyUI's bundled T5 tokenizer (same vocabulary as PixArt's)."""
     weights = CheckpointFile(path)
@@ -71,7 +72,8 @@ def load_t5_from_file(path: str, device: str):
         raise EasyAnimateLoadError(f"{path}: scaled-fp8 T5 files are not supported here; use an fp16/bf16/fp8 "
                                    f"t5xxl file")
     config = t5_config_from_shapes(weights.shapes, path)
-    return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path)
+    return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path,
+                      reload=(load_t5_from_file, (path, device)), disable_dynamic=disable_dynamic)
 
 
 def t5_sources() -> list[str]:
