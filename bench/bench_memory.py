@@ -113,7 +113,8 @@ def setup_comfy(comfy_dir: Path, cache: Path, dynamic_vram: bool, pack_dir: Path
     return pack.NODE_CLASS_MAPPINGS
 
 
-def measure(path: str, cache: Path, blocks: int, comfy_dir: Path | None, dynamic_vram: bool, pack_dir: Path) -> dict:
+def measure(path: str, cache: Path, blocks: int, comfy_dir: Path | None, dynamic_vram: bool, pack_dir: Path,
+            weight_dtype: str = "fp32") -> dict:
     """One path's numbers (bytes above the RSS after imports), in this process."""
     import torch
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def measure(path: str, cache: Path, blocks: int, comfy_dir: Path | None, dynamic
     import comfy.model_management
     base = rss()
     reset_peak()
-    model = nodes["EasyAnimateLoadDiT"]().load(FILE_2D, "fp32")[0]
+    model = nodes["EasyAnimateLoadDiT"]().load(FILE_2D, weight_dtype)[0]
     if path == "nodes":
         model = nodes["EasyAnimateLoadMotionModule"]().apply(model, FILE_MM)[0]
     gc.collect()
@@ -177,6 +178,8 @@ def main():
                         help="where the random release-layout files are written once")
     parser.add_argument("--blocks", type=int, default=28, help="transformer blocks (28 = real size)")
     parser.add_argument("--dynamic-vram", action="store_true", help="force DynamicVRAM like main.py on NVIDIA")
+    parser.add_argument("--weight-dtype", default="fp32", help="weight_dtype of the loader node (the library path "
+                        "stays fp32)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {PATHS}")
     parser.add_argument("--pack", type=Path, default=REPO, help="the pack to measure (default: this checkout; "
                         "another checkout gives a before/after comparison)")
@@ -187,21 +190,23 @@ def main():
     sys.path.insert(0, str(REPO))
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, cache, args.blocks, args.comfy.resolve(), args.dynamic_vram,
-                                                 args.pack.resolve())))
+                                                 args.pack.resolve(), args.weight_dtype)))
         return
     write_files(cache, args.blocks)
     sizes = file_bytes(cache)
     results = {}
     for path in args.paths.split(","):
         cmd = [sys.executable, __file__, "--child", path, "--cache", str(args.cache), "--blocks", str(args.blocks),
-               "--comfy", str(args.comfy), "--pack", str(args.pack)] + (["--dynamic-vram"] if args.dynamic_vram else [])
+               "--comfy", str(args.comfy), "--pack", str(args.pack),
+               "--weight-dtype", args.weight_dtype] + (["--dynamic-vram"] if args.dynamic_vram else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             raise SystemExit(f"{path}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
         results[path] = json.loads(line[len("RESULT "):])
     version = _comfy_version(args.comfy)
-    print(f"\npack {args.pack.resolve()}, ComfyUI {version}{' + DynamicVRAM forced' if args.dynamic_vram else ''}, {args.blocks} blocks: "
+    print(f"\npack {args.pack.resolve()}, ComfyUI {version}{' + DynamicVRAM forced' if args.dynamic_vram else ''}, {args.blocks} blocks, "
+          f"nodes in {args.weight_dtype}: "
           f"2D file {sizes[FILE_2D] / GIB:.2f} GiB, motion module {sizes[FILE_MM] / GIB:.2f} GiB "
           f"(GiB above the process's RSS after imports)\n")
     print("| path | after load | peak during load | after 1 step at 64x64x4 | after unload_all_models |")

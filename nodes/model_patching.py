@@ -94,6 +94,24 @@ def _build(config: TransformerConfig, state_dict: dict, dtype, manual_cast, sour
     return model
 
 
+def model_dtypes(config: TransformerConfig, state_dict: dict, weight_dtype: str):
+    """(storage dtype, manual-cast dtype) of a MODEL holding `state_dict` with the loader's `weight_dtype` choice."""
+    return weight_dtypes(weight_dtype, state_dict, EasyAnimateV1({"config": config}),
+                         comfy.model_management.get_torch_device())
+
+
+def read_for_model(read, weight_dtype: str):
+    """(config, state dict) from `read(dtype)` (a read_transformer call), cast to the MODEL's weight dtype while
+    reading. The first read only maps the file (nothing is touched); it is read again with the cast only when the
+    dtype differs, so casting streams chunk by chunk instead of holding the file's pages and the result at once."""
+    config, state = read(None)
+    dtype, _ = model_dtypes(config, state, weight_dtype)
+    if any(t.is_floating_point() and t.dtype != dtype for t in state.values()):
+        del state
+        config, state = read(dtype)
+    return config, state
+
+
 def build_model_patcher(config: TransformerConfig, state_dict: dict, weight_dtype: str, source: str,
                         patcher_init=None, disable_dynamic: bool = False):
     """A MODEL (core's patcher over a new EasyAnimateBaseModel) holding `state_dict` (2D, or 2D + motion module).
@@ -103,7 +121,7 @@ def build_model_patcher(config: TransformerConfig, state_dict: dict, weight_dtyp
     """
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    dtype, manual_cast = weight_dtypes(weight_dtype, state_dict, EasyAnimateV1({"config": config}), load_device)
+    dtype, manual_cast = model_dtypes(config, state_dict, weight_dtype)
     model = _build(config, state_dict, dtype, manual_cast, source, load_device, offload_device)
     patcher = patcher_class(disable_dynamic)(model, load_device=load_device, offload_device=offload_device)
     patcher.cached_patcher_init = patcher_init

@@ -14,7 +14,7 @@ from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
 from .comfy_model import WEIGHT_DTYPES
 from .model_patching import (build_model_patcher, derived_init, easyanimate_model, motion_key_shapes,
-                             with_motion_structure, with_weights)
+                             read_for_model, with_motion_structure, with_weights)
 from .comfy_clip import TEXT_ENCODER_DEVICES
 from .nodes_text import load_t5_from_pipeline
 from .nodes_vae import load_pipeline_vae
@@ -27,7 +27,7 @@ WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the transformer weights. default: Comf
 
 def load_pipeline_model(folder: str, weight_dtype: str, disable_dynamic=False):
     """The MODEL of a pipeline folder's transformer/."""
-    config, state = read_transformer(folder, dtype=None)  # file dtype: tensors stay file-backed until assigned
+    config, state = read_for_model(lambda dtype: read_transformer(folder, dtype=dtype), weight_dtype)
     return build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"),
                                patcher_init=(load_pipeline_model, (folder, weight_dtype)),
                                disable_dynamic=disable_dynamic)
@@ -35,7 +35,7 @@ def load_pipeline_model(folder: str, weight_dtype: str, disable_dynamic=False):
 
 def load_dit_model(path: str, weight_dtype: str, disable_dynamic=False):
     """The MODEL of a single transformer file (2D, or 3D with the motion module)."""
-    config, state = read_transformer(path, dtype=None)
+    config, state = read_for_model(lambda dtype: read_transformer(path, dtype=dtype), weight_dtype)
     return build_model_patcher(config, state, weight_dtype, path, patcher_init=(load_dit_model, (path, weight_dtype)),
                                disable_dynamic=disable_dynamic)
 
@@ -103,7 +103,7 @@ class EasyAnimateLoadDiT:
             raise _load_error("EasyAnimateLoadDiT", e) from None
 
 
-def _read_motion_module(path: str, config) -> tuple:
+def _read_motion_module(path: str, config, dtype) -> tuple:
     """(config with the file's motion module, its motion-module tensors), checked against that config's shapes."""
     weights = CheckpointFile(path)
     foreign = identify_foreign(weights.shapes)
@@ -122,13 +122,13 @@ def _read_motion_module(path: str, config) -> tuple:
     if len(keys) < len(weights.keys()):
         log.warning("%s: only its %d motion-module keys are used (%d other keys ignored)", path, len(keys),
                     len(weights.keys()) - len(keys))
-    return config, weights.read(keys)
+    return config, weights.read(keys, dtype)
 
 
 def apply_motion_module(model, path: str):
     """A new MODEL: `model`'s weights (shared) plus the motion module of `path` (replacing one already there)."""
     inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
-    config, state = _read_motion_module(path, inner.diffusion_model.config)
+    config, state = _read_motion_module(path, inner.diffusion_model.config, inner.get_dtype())
     return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_motion_module, path))
 
 
@@ -140,7 +140,7 @@ def apply_base_checkpoint(model, path: str):
     ours = inner.diffusion_model.config
     # checked (and original PixArt keys converted) against this model's config
     config = with_motion_structure(ours) if has_motion else dataclasses.replace(ours, motion_module=None)
-    config, state = read_transformer(path, config=config, dtype=None)
+    config, state = read_transformer(path, config=config, dtype=inner.get_dtype())
     if not has_motion:
         config = ours  # the input's motion module (if any) stays
     return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_base_checkpoint, path))
