@@ -16,8 +16,8 @@ total from nvidia-smi sampled every 100 ms, and torch's max_memory_allocated). T
 
 The GPU machine has no network: unpack ComfyUI 0.33.0 and install the wheels it lacks (comfy-aimdo, comfy-kitchen,
 av, SQLAlchemy, websocket-client for tests/comfy_client.py, ...) from a folder carried with the repository before
-running this. The script links the tree and this interpreter's venv as <tree>/../_gpu_check_host (the layout the test
-client expects). Checked on CPU with --tiny --cpu against 0.33.0; no GPU run has been made yet.
+running this. The script links the tree and a wrapper of this interpreter as <tree>/../_gpu_check_host/ComfyUI
+and .../venv/bin/python (the layout the test client expects). Checked on CPU with --tiny --cpu against 0.33.0; no GPU run has been made yet.
 """
 from __future__ import annotations
 
@@ -192,10 +192,13 @@ def main():
         (probe / "__init__.py").write_text(PROBE_NODE)
         host = args.comfy.resolve().parent / "_gpu_check_host"
         host.mkdir(exist_ok=True)
-        for name, target in (("ComfyUI", args.comfy.resolve()), ("venv", Path(sys.prefix))):
-            link = host / name
-            if not link.exists():
-                link.symlink_to(target, target_is_directory=True)
+        if not (host / "ComfyUI").exists():
+            (host / "ComfyUI").symlink_to(args.comfy.resolve(), target_is_directory=True)
+        python = host / "venv" / "bin" / "python"  # the layout the test client expects, for this interpreter
+        python.parent.mkdir(parents=True, exist_ok=True)
+        # a wrapper, not a symlink: a venv's python finds its packages through the path it is started by
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        python.chmod(0o755)
         modes = {"both": ("dynamic", "legacy"), "dynamic": ("dynamic",), "legacy": ("legacy",)}[args.mode]
         for mode in modes:
             extra = args.extra_args.split() + (["--cpu"] if args.cpu else []) + (
