@@ -74,7 +74,8 @@ def write_files(cache: Path, blocks: int):
     need = [n for n in (FILE_2D, FILE_MM) if not (cache / n).is_file()]
     if not need:
         return
-    shapes = {k: tuple(v.shape) for k, v in Transformer3DModel(bench_config(blocks), device="meta").state_dict().items()}
+    meta = Transformer3DModel(bench_config(blocks), device="meta")
+    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     for name in need:
         keys = [k for k in shapes if Transformer3DModel.is_motion_key(k) == (name == FILE_MM)]
@@ -127,7 +128,8 @@ def measure(path: str, cache: Path, blocks: int, comfy_dir: Path | None, dynamic
         model = ea.load_transformer(cache / FILE_2D, motion_module=cache / FILE_MM)
         loaded, load_peak = rss() - base, peak() - base
         with torch.no_grad():
-            model(torch.randn(1, 4, frames, size, size), torch.tensor([999]), torch.randn(1, 120, config.caption_channels))
+            model(torch.randn(1, 4, frames, size, size), torch.tensor([999]),
+                  torch.randn(1, 120, config.caption_channels))
         return {"after_load": loaded, "peak_load": load_peak, "after_step": rss() - base}
 
     nodes = setup_comfy(comfy_dir, cache, dynamic_vram, pack_dir)
@@ -172,7 +174,8 @@ def file_bytes(cache: Path) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfy", type=Path, default=Path(os.environ.get("COMFY_HOST_DIR", REPO / ".host")) / "ComfyUI",
+    host = Path(os.environ.get("COMFY_HOST_DIR", REPO / ".host"))
+    parser.add_argument("--comfy", type=Path, default=host / "ComfyUI",
                         help="the ComfyUI folder (default $COMFY_HOST_DIR/ComfyUI)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "easyanimate_bench",
                         help="where the random release-layout files are written once")
@@ -205,7 +208,8 @@ def main():
             raise SystemExit(f"{path}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
         results[path] = json.loads(line[len("RESULT "):])
     version = _comfy_version(args.comfy)
-    print(f"\npack {args.pack.resolve()}, ComfyUI {version}{' + DynamicVRAM forced' if args.dynamic_vram else ''}, {args.blocks} blocks, "
+    forced = " + DynamicVRAM forced" if args.dynamic_vram else ""
+    print(f"\npack {args.pack.resolve()}, ComfyUI {version}{forced}, {args.blocks} blocks, "
           f"nodes in {args.weight_dtype}: "
           f"2D file {sizes[FILE_2D] / GIB:.2f} GiB, motion module {sizes[FILE_MM] / GIB:.2f} GiB "
           f"(GiB above the process's RSS after imports)\n")

@@ -17,7 +17,8 @@ total from nvidia-smi sampled every 100 ms, and torch's max_memory_allocated). T
 The GPU machine has no network: unpack ComfyUI 0.33.0 and install the wheels it lacks (comfy-aimdo, comfy-kitchen,
 av, SQLAlchemy, websocket-client for tests/comfy_client.py, ...) from a folder carried with the repository before
 running this. The script links the tree and a wrapper of this interpreter as <tree>/../_gpu_check_host/ComfyUI
-and .../venv/bin/python (the layout the test client expects). Checked on CPU with --tiny --cpu against 0.33.0; no GPU run has been made yet.
+and .../venv/bin/python (the layout the test client expects). Checked on CPU with --tiny --cpu against 0.33.0; no
+GPU run has been made yet.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def write_models(models: Path, blocks: int):
 def prompt(weight_dtype, frames, size, steps, seed, channels):
     return {
         "1": {"class_type": "EasyAnimateLoadDiT", "inputs": {"dit_name": DIT_FILE, "weight_dtype": weight_dtype}},
-        "2": {"class_type": "EasyAnimateLoadMotionModule", "inputs": {"model": ["1", 0], "motion_module_name": MM_FILE}},
+        "2": {"class_type": "EasyAnimateLoadMotionModule",
+              "inputs": {"model": ["1", 0], "motion_module_name": MM_FILE}},
         "3": {"class_type": "EAGpuCheckCond", "inputs": {"channels": channels, "seed": 0}},
         "4": {"class_type": "EasyAnimateEmptyLatent", "inputs": {"width": size, "height": size, "frames": frames,
                                                                   "batch_size": 1}},

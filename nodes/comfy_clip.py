@@ -102,7 +102,8 @@ def encoder_class(t5_config: dict):
 
 
 def clip_patcher(loader, *args, disable_dynamic=False):
-    """`cached_patcher_init` factory of our CLIPs: the patcher of `loader(*args)` (as core's load_clip_model_patcher)."""
+    """`cached_patcher_init` factory of our CLIPs: the patcher of `loader(*args)` (like core's
+    load_clip_model_patcher)."""
     return loader(*args, disable_dynamic=disable_dynamic).patcher
 
 

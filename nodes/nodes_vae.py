@@ -35,7 +35,8 @@ def _autoencoder_params(cfg: dict, source: str) -> dict:
 
 
 def vae_patcher(vae_dir: str, disable_dynamic=False):
-    """`cached_patcher_init` factory of the pipeline VAE (core's VAE picks its patcher itself, like load_vae_patcher)."""
+    """`cached_patcher_init` factory of the pipeline VAE (core's VAE picks its patcher itself, as in core's
+    load_vae_patcher)."""
     return load_pipeline_vae(vae_dir).patcher
 
 
