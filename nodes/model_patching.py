@@ -160,7 +160,8 @@ def original_weights(model) -> dict:
 
 def _rebased_clone(model, new_model):
     """`model.clone()` (patches, options, wrappers, hooks kept) whose model is `new_model`, with fresh backups."""
-    fresh = patcher_class()(new_model, load_device=model.load_device, offload_device=model.offload_device)
+    # the input's own class (a non-dynamic delegate stays non-dynamic); it also sets up the new model's patcher state
+    fresh = type(model)(new_model, load_device=model.load_device, offload_device=model.offload_device)
     if "model_override" in inspect.signature(model.clone).parameters:
         # what core's deepclone_multigpu does: the clone's model and (empty) backup state come from `fresh`
         clone = model.clone(model_override=fresh.get_clone_model_override())
