@@ -146,6 +146,32 @@ def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights.read(weights.keys()), weights.metadata
 
 
+CAST_CHUNK = 64 * 2 ** 20  # elements read per mapping when casting (256 MB of fp32)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _chunked(keys: list, shapes: dict, limit):
+    """`keys` in runs of at most `limit` elements (at least one key each); all in one run when `limit` is None."""
+    if limit is None:
+        yield keys
+        return
+    part, size = [], 0
+    for k in keys:
+        if part and size + _numel(shapes[k]) > limit:
+            yield part
+            part, size = [], 0
+        part.append(k)
+        size += _numel(shapes[k])
+    if part:
+        yield part
+
+
 class CheckpointFile:
     """Key names and shapes of one weights file (safetensors: from the header only), tensors read on demand."""
 
@@ -177,8 +203,13 @@ class CheckpointFile:
         if self._tensors is not None:
             return {k: cast(self._tensors[k]) for k in keys}
         try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                return {k: cast(f.get_tensor(k)) for k in keys}
+            # a cast touches the file's pages, which stay resident while that mapping is open: a fresh mapping per
+            # chunk keeps the peak at the result plus one chunk (uncast tensors stay file-backed and touch nothing)
+            out = {}
+            for part in _chunked(list(keys), self.shapes, CAST_CHUNK if dtype is not None else None):
+                with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                    out.update({k: cast(f.get_tensor(k)) for k in part})
+            return out
         except (OSError, RuntimeError) as e:  # SafetensorError is a RuntimeError
             raise EasyAnimateLoadError(f"{self.path}: expected a readable safetensors file, reading it failed: "
                                        f"{type(e).__name__}: {e}") from None

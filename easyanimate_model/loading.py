@@ -244,19 +244,20 @@ def motion_module_keys(weights) -> list[str]:
     return motion
 
 
-def read_motion_module(path, config: TransformerConfig, dtype=None, device="cpu") -> dict[str, torch.Tensor]:
-    """The motion-module tensors of `path`, checked against the motion-module keys and shapes of a model built from
-    `config` (which must have a motion module); files without the `pos_encoder.pe` tables are accepted (§B.4)."""
-    if config.motion_module is None:
-        raise ValueError("read_motion_module: config has no motion module (motion_module=None)")
+def read_motion_module(path, config: TransformerConfig, dtype=None, device="cpu"
+                       ) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
+    """(`config` with the motion module of `path`, its motion-module tensors). The file's block/attention counts and
+    PE length decide the motion-module config (replacing one `config` may have); the tensors are checked against the
+    keys and shapes of a model built from it; files without the `pos_encoder.pe` tables are accepted (§B.4)."""
     weights = open_weights(path)
     keys = motion_module_keys(weights)
+    shapes = {k: weights.shapes[k] for k in keys}
+    config = dataclasses.replace(config, motion_module=infer_motion_config(shapes))
     model = Transformer3DModel(config, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _is_motion_key(k)}
     optional = {k for k in expected if k.endswith("pos_encoder.pe")}
-    validate_shapes({k: weights.shapes[k] for k in keys}, expected, weights.path, optional,
-                    "the model's motion module")
-    return weights.read(keys, dtype, device)
+    validate_shapes(shapes, expected, weights.path, optional, "the model's motion module")
+    return config, weights.read(keys, dtype, device)
 
 
 def _as_config(config, motion_module) -> TransformerConfig:

@@ -113,7 +113,7 @@ class TemporalTransformer3DModel(nn.Module):
             for _ in range(cfg.num_transformer_block)
         ])
         self.proj_out = operations.Linear(dim, dim, dtype=dtype, device=device)
-        if not self.proj_out.weight.is_meta:
+        if self.proj_out.weight is not None and not self.proj_out.weight.is_meta:  # None: a host's weightless layer
             # zero-initialised like the reference: a fresh module is the identity (training starts from the 2D model)
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)

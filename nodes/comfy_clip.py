@@ -9,6 +9,7 @@ gives the same conditioning as EasyAnimateTextEncode.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -100,8 +101,20 @@ def encoder_class(t5_config: dict):
     return EasyAnimateT5
 
 
-def build_clip(state_dict: dict, t5_config: dict, tokenizer_dir: str, device: str, source: str):
-    """comfy.sd.CLIP holding the T5 encoder weights `state_dict` (transformers T5EncoderModel keys)."""
+def clip_patcher(loader, *args, disable_dynamic=False):
+    """`cached_patcher_init` factory of our CLIPs: the patcher of `loader(*args)` (like core's
+    load_clip_model_patcher)."""
+    return loader(*args, disable_dynamic=disable_dynamic).patcher
+
+
+def build_clip(state_dict: dict, t5_config: dict, tokenizer_dir: str, device: str, source: str, reload=None,
+               disable_dynamic=False):
+    """comfy.sd.CLIP holding the T5 encoder weights `state_dict` (transformers T5EncoderModel keys).
+
+    Core builds the patcher (CoreModelPatcher where it exists) and loads the weights its way (assigned under
+    DynamicVRAM). `reload` = (loader, args): how to load this CLIP again, set as the patcher's `cached_patcher_init`
+    so core's device-selection / multi-GPU nodes accept it.
+    """
     if device not in TEXT_ENCODER_DEVICES:
         raise ValueError(f"text_encoder_device: expected one of {TEXT_ENCODER_DEVICES}, found {device!r}")
     target = comfy.supported_models_base.ClipTarget(tokenizer_class(tokenizer_dir), encoder_class(t5_config))
@@ -109,7 +122,9 @@ def build_clip(state_dict: dict, t5_config: dict, tokenizer_dir: str, device: st
     if device == "cpu":
         model_options["load_device"] = model_options["offload_device"] = torch.device("cpu")
     params = sum(t.numel() for t in state_dict.values())
-    clip = comfy.sd.CLIP(target, parameters=params, model_options=model_options)
+    kwargs = {"disable_dynamic": True} if disable_dynamic and "disable_dynamic" in inspect.signature(
+        comfy.sd.CLIP.__init__).parameters else {}
+    clip = comfy.sd.CLIP(target, parameters=params, model_options=model_options, **kwargs)
     missing, unexpected = clip.load_sd(state_dict)
     missing = [k for k in missing if k != "encoder.embed_tokens.weight"]
     unexpected = [k for k in unexpected if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -117,6 +132,8 @@ def build_clip(state_dict: dict, t5_config: dict, tokenizer_dir: str, device: st
     if missing or unexpected:
         raise ValueError(f"{source}: not a T5 encoder with the config's shape: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    if reload is not None:
+        clip.patcher.cached_patcher_init = (clip_patcher, (reload[0], *reload[1]))
     return clip
 
 

@@ -5,9 +5,9 @@ built in model_patching.py).
   the SD1.5 latent format (0.18215), forced: core auto-detection would take the 512 px alpha model for PixArt-Sigma.
 - `EasyAnimateDiT`: the library's Transformer3DModel built with BaseModel's `operations` (comfy.ops: manual cast,
   fp8 storage, lowvram) and ComfyUI's `optimized_attention`, called with BaseModel's convention on frames-in-batch
-  latents [B*F, 4, h, w]. It always has the motion-module structure; the motion module runs only when the
-  ModelPatcher's transformer_options say so (TEMPORAL_OPTION), which the motion-module node sets on a clone
-  together with "set" patches carrying the temporal weights. So one base model serves with and without it.
+  latents [B*F, 4, h, w]. A 2D MODEL has no motion-module structure; the motion-module node builds a new model with
+  it (sharing the 2D tensors, model_patching.py) and sets TEMPORAL_OPTION in its transformer_options, which the
+  model honours (and the sampler reads).
 - Frames per video: transformer_options[FRAMES_KEY] (our sampler sets it), else one video per cond chunk.
 """
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Loader nodes: pipeline folder / single DiT file -> MODEL (+ CLIP, VAE); motion module and base checkpoint
-applied to clones of a MODEL as weight patches (the input MODEL is never changed)."""
+"""Loader nodes: pipeline folder / single DiT file -> MODEL (+ CLIP, VAE); the motion module and a base checkpoint
+give a NEW MODEL built from the input's weights plus the loaded ones (the input MODEL is never changed; see
+model_patching.py). Each loader step is a module-level function taking `disable_dynamic`, so it can serve as the
+MODEL's `cached_patcher_init` (core re-creates models through it for multi-GPU and non-dynamic clones)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +14,8 @@ from ..easyanimate_model.loading import read_motion_module, read_transformer
 from ..easyanimate_model.transformer import Transformer3DModel
 from . import model_files
 from .comfy_model import WEIGHT_DTYPES
-from .model_patching import add_weight_patches, build_model_patcher, easyanimate_model
+from .model_patching import (build_model_patcher, derived_init, easyanimate_model,
+                             read_for_model, with_motion_structure, with_weights)
 from .comfy_clip import TEXT_ENCODER_DEVICES
 from .nodes_text import load_t5_from_pipeline
 from .nodes_vae import load_pipeline_vae
@@ -21,6 +24,21 @@ log = logging.getLogger("EasyAnimate")
 
 WEIGHT_DTYPE_TOOLTIP = ("Storage dtype of the transformer weights. default: ComfyUI's choice for the device; fp8 "
                         "halves memory (computed in fp16/bf16/fp32).")
+
+
+def load_pipeline_model(folder: str, weight_dtype: str, disable_dynamic=False):
+    """The MODEL of a pipeline folder's transformer/."""
+    config, state = read_for_model(lambda dtype: read_transformer(folder, dtype=dtype), weight_dtype)
+    return build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"),
+                               patcher_init=(load_pipeline_model, (folder, weight_dtype)),
+                               disable_dynamic=disable_dynamic)
+
+
+def load_dit_model(path: str, weight_dtype: str, disable_dynamic=False):
+    """The MODEL of a single transformer file (2D, or 3D with the motion module)."""
+    config, state = read_for_model(lambda dtype: read_transformer(path, dtype=dtype), weight_dtype)
+    return build_model_patcher(config, state, weight_dtype, path, patcher_init=(load_dit_model, (path, weight_dtype)),
+                               disable_dynamic=disable_dynamic)
 
 
 def _load_error(node, e):
@@ -52,9 +70,7 @@ class EasyAnimateLoadPipeline:
     def load(self, pipeline, weight_dtype, text_encoder_device):
         folder = model_files.pipeline_path(pipeline)
         try:
-            config, state = read_transformer(folder, dtype=None)
-            model = build_model_patcher(config, state, weight_dtype, os.path.join(folder, "transformer"))
-            del state
+            model = load_pipeline_model(folder, weight_dtype)
             clip = load_t5_from_pipeline(folder, text_encoder_device)
             vae = load_pipeline_vae(os.path.join(folder, "vae"))
         except (EasyAnimateLoadError, ValueError) as e:
@@ -83,10 +99,30 @@ class EasyAnimateLoadDiT:
     def load(self, dit_name, weight_dtype):
         path = model_files.full_path(dit_name, "diffusion_models", "checkpoints")
         try:
-            config, state = read_transformer(path, dtype=None)
-            return (build_model_patcher(config, state, weight_dtype, path),)
+            return (load_dit_model(path, weight_dtype),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadDiT", e) from None
+
+
+def apply_motion_module(model, path: str):
+    """A new MODEL: `model`'s weights (shared) plus the motion module of `path` (replacing one already there)."""
+    inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
+    config, state = read_motion_module(path, inner.diffusion_model.config, inner.get_dtype())
+    return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_motion_module, path))
+
+
+def apply_base_checkpoint(model, path: str):
+    """A new MODEL: `model` with the 2D weights (and the motion module, if the file has one) of `path`."""
+    inner = easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
+    # like the original's load_state_dict(strict=False): a full 3D checkpoint replaces the motion module too
+    has_motion = any(Transformer3DModel.is_motion_key(k) for k in CheckpointFile(path).keys())
+    ours = inner.diffusion_model.config
+    # checked (and original PixArt keys converted) against this model's config
+    config = with_motion_structure(ours) if has_motion else dataclasses.replace(ours, motion_module=None)
+    config, state = read_transformer(path, config=config, dtype=inner.get_dtype())
+    if not has_motion:
+        config = ours  # the input's motion module (if any) stays
+    return with_weights(model, state, config, path, patcher_init=derived_init(model, apply_base_checkpoint, path))
 
 
 class EasyAnimateLoadMotionModule:
@@ -108,11 +144,10 @@ class EasyAnimateLoadMotionModule:
         }}
 
     def apply(self, model, motion_module_name):
-        inner = easyanimate_model(model, "EasyAnimateLoadMotionModule")
+        easyanimate_model(model, "EasyAnimateLoadMotionModule")
         path = model_files.full_path(motion_module_name, model_files.EASYANIMATE_FOLDER)
         try:
-            state = read_motion_module(path, inner.diffusion_model.config)
-            return (add_weight_patches(model, state, enable_motion_module=True),)
+            return (apply_motion_module(model, path),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadMotionModule", e) from None
 
@@ -136,16 +171,10 @@ class EasyAnimateLoadBaseCheckpoint:
         }}
 
     def apply(self, model, ckpt_name):
-        inner = easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
+        easyanimate_model(model, "EasyAnimateLoadBaseCheckpoint")
         path = model_files.full_path(ckpt_name, model_files.EASYANIMATE_FOLDER, "diffusion_models")
         try:
-            # like the original's load_state_dict(strict=False): a full 3D checkpoint replaces the motion module too
-            has_motion = any(Transformer3DModel.is_motion_key(k) for k in CheckpointFile(path).keys())
-            ours = inner.diffusion_model.config
-            # checked (and original PixArt keys converted) against this model's config
-            config = ours if has_motion else dataclasses.replace(ours, motion_module=None)
-            _, state = read_transformer(path, config=config, dtype=None)
-            return (add_weight_patches(model, state, enable_motion_module=has_motion),)
+            return (apply_base_checkpoint(model, path),)
         except (EasyAnimateLoadError, ValueError) as e:
             raise _load_error("EasyAnimateLoadBaseCheckpoint", e) from None
 

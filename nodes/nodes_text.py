@@ -18,14 +18,15 @@ def _t5_state_dict(weights) -> dict:
     return weights.read(weights.keys())
 
 
-def load_t5_from_pipeline(folder: str, device: str):
+def load_t5_from_pipeline(folder: str, device: str, disable_dynamic=False):
     """CLIP from a pipeline folder's text_encoder/ and tokenizer/, found and checked by the library."""
     encoder_dir, tokenizer_dir = t5_folders(folder)
     if not tokenizer_dir.is_dir():
         raise EasyAnimateLoadError(f"{tokenizer_dir}: expected the T5 tokenizer folder, not found")
     hf_config, weights = read_t5_encoder(encoder_dir)
     config = comfy_t5_config(hf_config, str(encoder_dir / "config.json"))
-    return build_clip(_t5_state_dict(weights), config, str(tokenizer_dir), device, str(encoder_dir))
+    return build_clip(_t5_state_dict(weights), config, str(tokenizer_dir), device, str(encoder_dir),
+                      reload=(load_t5_from_pipeline, (folder, device)), disable_dynamic=disable_dynamic)
 
 
 def t5_config_from_shapes(shapes: dict, source: str) -> dict:
@@ -50,7 +51,7 @@ def t5_config_from_shapes(shapes: dict, source: str) -> dict:
                             "feed_forward_proj": "gated-gelu" if gated else "relu"}, source)
 
 
-def load_t5_from_file(path: str, device: str):
+def load_t5_from_file(path: str, device: str, disable_dynamic=False):
     """CLIP from a single T5 encoder file (text_encoders/, e.g. t5xxl_fp16.safetensors; HF T5 key names): the size
     read from the weights and ComfyUI's bundled T5 tokenizer (same vocabulary as PixArt's)."""
     weights = CheckpointFile(path)
@@ -61,7 +62,8 @@ def load_t5_from_file(path: str, device: str):
         raise EasyAnimateLoadError(f"{path}: scaled-fp8 T5 files are not supported here; use an fp16/bf16/fp8 "
                                    f"t5xxl file")
     config = t5_config_from_shapes(weights.shapes, path)
-    return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path)
+    return build_clip(_t5_state_dict(weights), config, COMFY_T5_TOKENIZER, device, path,
+                      reload=(load_t5_from_file, (path, device)), disable_dynamic=disable_dynamic)
 
 
 def t5_sources() -> list[str]:

@@ -32,6 +32,12 @@ def _autoencoder_params(cfg: dict, source: str) -> dict:
         "num_res_blocks": cfg.get("layers_per_block", 2), "attn_resolutions": [], "dropout": 0.0}}
 
 
+def vae_patcher(vae_dir: str, disable_dynamic=False):
+    """`cached_patcher_init` factory of the pipeline VAE (core's VAE picks its patcher itself, as in core's
+    load_vae_patcher)."""
+    return load_pipeline_vae(vae_dir).patcher
+
+
 def load_pipeline_vae(vae_dir: str):
     """comfy.sd.VAE from a diffusers vae/ folder (config.json + weights, read by the library), config passed
     explicitly."""
@@ -44,6 +50,7 @@ def load_pipeline_vae(vae_dir: str):
                      k): v for k, v in sd.items()}
     vae = comfy.sd.VAE(sd=sd, config={"params": params})
     vae.downscale_ratio = vae.upscale_ratio = 2 ** (blocks - 1)
+    vae.patcher.cached_patcher_init = (vae_patcher, (vae_dir,))  # core's device-selection / multi-GPU nodes use it
     return vae
 
 

@@ -1,39 +1,44 @@
-"""easyanimate_model.memory estimates and the size rule in config.py (no server)."""
+"""Each weight held once (docs/ARCHITECTURE.md "Loading and memory"): bench/bench_memory.py on a small config in the
+test host's ComfyUI (in-process, real). Ratios only, nothing timed. The real-size figures are in the README."""
+import json
+import subprocess
+
 import pytest
 
-from easyanimate_model import memory
-from easyanimate_model.config import SIZE_MULTIPLE, TransformerConfig, size_error
-from easyanimate_model.tiny import TINY_CONFIG
+from comfy_client import REPO_DIR
 
 
-def test_size_rule_names_the_input_and_suggests_sizes():
-    assert size_error(512, 448) is None
-    assert size_error(500, 512) == ("width 500: EasyAnimate needs width and height as positive multiples of 32 "
-                                    "pixels (try 512x512)")
-    assert size_error(0, -32).startswith("width 0 and height -32:")
-    assert size_error("abc", 64).startswith("width 'abc':")
-    assert TransformerConfig().size_multiple() == SIZE_MULTIPLE == 32
-    assert TransformerConfig(motion_module=None).size_multiple() == 16
+@pytest.fixture(scope="module")
+def bench(comfy_python, comfy_host_dir, tmp_path_factory):
+    comfy_dir = comfy_host_dir / "ComfyUI"
+    if not comfy_python.exists() or not (comfy_dir / "folder_paths.py").exists():
+        pytest.fail(f"no test host at {comfy_host_dir}: run scripts/setup_host.sh", pytrace=False)
+    cache = tmp_path_factory.mktemp("bench_memory")
+    result = subprocess.run([str(comfy_python), str(REPO_DIR / "bench" / "bench_memory.py"), "--comfy", str(comfy_dir),
+                             "--cache", str(cache), "--blocks", "4", "--json"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_latent_and_image_bytes():
-    assert memory.latent_bytes(1, 4096, 4096, 4096) == 4096 * 4 * 512 * 512 * 4  # the 17 GB of the issue
-    assert memory.image_bytes(2, 64, 32) == 2 * 64 * 32 * 3 * 4
+def test_2d_model_has_no_motion_module_tensors(bench):
+    node2d, size2d = bench["results"]["nodes2d"], bench["files"]["PixArt-XL-2-512x512.safetensors"]
+    # the model's tensors: the 2D weights plus the position tables computed at load (far below 10 %)
+    assert node2d["model_bytes"] <= 1.1 * size2d, (node2d["model_bytes"], size2d)
 
 
-def test_transformer_estimate_grows_with_frames_and_backend():
-    config = TransformerConfig()  # the released PixArt-XL-2-512x512 sizes
-    est = {b: memory.transformer_bytes(config, 2, 80, 64, 64, 2, b) for b in memory.ATTENTION_BACKENDS}
-    assert est["flash"] < est["chunked"] < est["math"]
-    # without score matrices the activations are linear in the frames
-    ratio = memory.transformer_bytes(config, 1, 160, 64, 64, 2) / memory.transformer_bytes(config, 1, 80, 64, 64, 2)
-    assert ratio == pytest.approx(2.0)
-    assert memory.transformer_bytes(TINY_CONFIG, 1, 8, 8, 8, temporal=False) < \
-        memory.transformer_bytes(TINY_CONFIG, 1, 8, 8, 8, attention="math")
-    assert memory.sampling_bytes(TINY_CONFIG, 1, 8, 8, 8) > memory.transformer_bytes(TINY_CONFIG, 1, 8, 8, 8)
-    with pytest.raises(ValueError, match="attention backend: expected one of"):
-        memory.transformer_bytes(config, 1, 1, 8, 8, attention="sdpa")
+def test_motion_model_holds_each_weight_once(bench):
+    files = sum(bench["files"].values())
+    nodes = bench["results"]["nodes"]
+    assert nodes["model_bytes"] <= 1.05 * files, (nodes["model_bytes"], files)
 
 
-def test_gib_formatting():
-    assert memory.gib(0) == "<0.1" and memory.gib(1.5 * memory.GiB) == "1.5" and memory.gib(586.2 * memory.GiB) == "587"
+def test_node_path_resident_like_the_library(bench):
+    lib, nodes = bench["results"]["library"], bench["results"]["nodes"]
+    assert nodes["after_step"] <= 1.15 * lib["after_step"], (nodes, lib)
+
+
+def test_loading_streams_from_the_file(bench):
+    for path in ("nodes", "nodes2d"):
+        r = bench["results"][path]
+        assert r["peak_load"] <= 1.2 * r["after_step"], (path, r)
