@@ -1,0 +1,135 @@
+"""Prompt schedules (easyanimate_model.prompt_schedule): parsing, per-frame states, blending, shared memory."""
+import pytest
+import torch
+
+from easyanimate_model.prompt_schedule import (FrameContexts, Keyframe, PromptSchedule, ScheduleError, check_frames,
+                                               looks_like_schedule, parse_schedule)
+
+TOKENS, CHANNELS = 6, 4
+
+
+def fake_encoder(lengths):
+    """encode(prompt) -> (embeds [1, L, C], mask [1, L]) with `lengths[prompt]` real tokens, distinct per prompt."""
+    calls = []
+
+    def encode(prompt):
+        calls.append(prompt)
+        g = torch.Generator().manual_seed(sum(map(ord, prompt)))
+        mask = torch.zeros(1, TOKENS)
+        mask[0, :lengths.get(prompt, TOKENS)] = 1
+        return torch.randn(1, TOKENS, CHANNELS, generator=g), mask
+
+    encode.calls = calls
+    return encode
+
+
+def schedule(text, frames=240, interpolation="linear", lengths=None):
+    encode = fake_encoder(lengths or {})
+    return PromptSchedule.from_keyframes(parse_schedule(text, frames), encode, frames, interpolation), encode
+
+
+def test_parse_formats_comments_and_colons_in_prompts():
+    text = '# seasons\n\n0: spring, pink flowers\n"80": "summer: green",\n  160 :autumn\n'
+    assert parse_schedule(text, 240) == [Keyframe(0, "spring, pink flowers", 3), Keyframe(80, "summer: green", 4),
+                                         Keyframe(160, "autumn", 5)]
+    assert looks_like_schedule(text) and looks_like_schedule("12: x")
+    assert not looks_like_schedule("blurry, low quality") and not looks_like_schedule("text: watermark")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0: a\n10: b\n5: c", "schedule line 3: frame 5 comes after frame 10 (line 2)"),
+    ("0: a\n\n0: b", "schedule line 3: duplicate frame 0 (already on line 1)"),
+    ("-4: a", "schedule line 1: frame -4 is negative"),
+    ("0: a\n240: b", "schedule line 2: frame 240 is past the video (240 frames: 0..239)"),
+    ("0: a\n10:   ", "schedule line 2: empty prompt for frame 10"),
+    ('0: a\n10: ""', "schedule line 2: empty prompt for frame 10"),
+    ("0: a\nten: b", "schedule line 2: expected 'frame: prompt'"),
+    ("0: a\n1.5: b", "schedule line 2: expected 'frame: prompt'"),
+    ("0 a", "schedule line 1: expected 'frame: prompt'"),
+    ("\n# only a comment\n", "schedule: no keyframes"),
+])
+def test_bad_schedules_name_the_line(text, message):
+    with pytest.raises(ScheduleError) as e:
+        parse_schedule(text, 240)
+    assert message in str(e.value)
+
+
+def test_check_frames_against_the_latent():
+    s, _ = schedule("0: a\n100: b", frames=240)
+    check_frames(s, 101)
+    with pytest.raises(ScheduleError, match=r"schedule line 2: keyframe 100 is past the video \(80 frames"):
+        check_frames(s, 80)
+
+
+def test_states_linear_hold_and_edges():
+    s, _ = schedule("10: a\n20: b\n30: a", frames=40)
+    st = s.states([0, 10, 15, 20, 25, 30, 39])
+    assert st == [(0, 0, 0.0), (0, 0, 0.0), (0, 1, 0.5), (1, 1, 0.0), (1, 0, 0.5), (0, 0, 0.0), (0, 0, 0.0)]
+    h, _ = schedule("10: a\n20: b\n30: a", frames=40, interpolation="hold")
+    assert h.states([0, 15, 19, 20, 29, 30, 500]) == [(0, 0, 0.0), (0, 0, 0.0), (0, 0, 0.0), (1, 1, 0.0),
+                                                     (1, 1, 0.0), (0, 0, 0.0), (0, 0, 0.0)]
+
+
+def test_one_keyframe_is_the_prompt_itself():
+    s, encode = schedule("0: a snowy forest", frames=240)
+    e, m = encode("a snowy forest")
+    assert s.is_uniform()
+    ctx = s.frame_contexts(range(240))
+    assert ctx.embeds.shape[0] == 1 and ctx.uniform_per_video(240)
+    per_video, mask = ctx.per_video(240)
+    assert torch.equal(per_video, e) and torch.equal(mask, m)
+
+
+def test_same_prompt_is_encoded_once_and_shared():
+    s, encode = schedule("0: spring\n80: summer\n160: spring\n200: summer", frames=240)
+    assert encode.calls == ["spring", "summer"] and s.embeds.shape[0] == 2
+    h, _ = schedule("0: spring\n80: summer\n160: spring", frames=240, interpolation="hold")
+    ctx = h.frame_contexts(range(240))
+    assert ctx.embeds.shape[0] == 2  # 240 frames, two tensors
+    assert ctx.index.tolist() == [0] * 80 + [1] * 80 + [0] * 80
+
+
+def test_linear_blend_is_smooth_and_exact_at_keyframes():
+    s, encode = schedule("0: spring\n120: autumn", frames=240, lengths={"spring": 3, "autumn": 5})
+    e, m = s.frame_embeddings()
+    ea, ma = encode("spring")
+    eb, mb = encode("autumn")
+    assert torch.equal(e[0], ea[0]) and torch.equal(m[0], ma[0])
+    assert torch.equal(e[120], eb[0]) and torch.equal(e[239], eb[0]) and torch.equal(m[200], mb[0])
+    torch.testing.assert_close(e[30], 0.75 * ea[0] + 0.25 * eb[0])
+    # tokens only in "autumn" fade in through the mask
+    torch.testing.assert_close(m[30], torch.tensor([1, 1, 1, 0.25, 0.25, 0]))
+    # smooth: neighbouring frames differ by about 1/120 of the whole change, never more than twice that
+    step = (e[1:121] - e[:120]).flatten(1).norm(dim=1)
+    total = (eb[0] - ea[0]).norm()
+    assert step.max() < 2 * total / 120 and step.min() > 0
+    distance_to_start = (e[:121] - ea[0]).flatten(1).norm(dim=1)
+    assert (distance_to_start[1:] > distance_to_start[:-1]).all()  # monotone along the transition
+
+
+def test_frame_contexts_build_only_distinct_states_of_the_window():
+    s, _ = schedule("0: a\n100: b", frames=240)
+    ctx = s.frame_contexts(range(40, 120))  # 60 blend frames + 20 frames at/after b's keyframe
+    assert ctx.embeds.shape[0] == 61 and ctx.index.shape == (80,)
+    e, _ = s.frame_embeddings(range(40, 120))
+    torch.testing.assert_close(ctx.embeds[ctx.index], e)
+
+
+def test_frame_contexts_cat_offsets_and_pads():
+    a = FrameContexts(torch.ones(1, 3, 2), None, torch.zeros(4, dtype=torch.long))
+    b = FrameContexts(torch.zeros(2, 5, 2), torch.ones(2, 5), torch.tensor([0, 0, 1, 1]))
+    c = FrameContexts.cat([a, b])
+    assert c.embeds.shape == (3, 5, 2) and c.index.tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert c.mask.tolist()[0] == [1, 1, 1, 0, 0]
+    assert not c.uniform_per_video(4) and c.uniform_per_video(2)
+
+
+def test_memory_does_not_grow_with_frames_for_repeated_prompts():
+    s, _ = schedule("0: spring\n80: summer\n160: autumn", frames=240, interpolation="hold")
+    one = TOKENS * CHANNELS * 4 + TOKENS * 4
+    est = s.memory_estimate(window=80)
+    assert s.nbytes() == est["stored"] == 3 * one
+    assert est["per_frame_copies"] == 240 * one
+    assert est["per_call"] <= 2 * one  # a window spans at most two held prompts
+    linear = schedule("0: spring\n80: summer\n160: autumn", frames=240)[0].memory_estimate(window=80)
+    assert linear["stored"] == 3 * one and linear["per_call"] <= 81 * one
