@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
+from .prompt_schedule import FrameContexts
 from .ops import TorchOps, chunked_rows, sdpa_attention
 
 # timestep sinusoid width of PixArt's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`
@@ -78,6 +79,12 @@ class PatchEmbed(nn.Module):
         return (tokens + self.position_table(h, w, tokens.device)).to(tokens.dtype)
 
 
+def mask_bias(keep: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias of a token mask: log(keep) clamped at -10000, i.e. exactly the original's
+    (1 - keep) * -10000 for 0/1 masks, and a soft weight for the blended masks of prompt schedules."""
+    return keep.log().clamp(min=-10000.0)
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim, dim, operations, dtype=None, device=None):
         super().__init__()
@@ -131,9 +138,15 @@ class Attention(nn.Module):
         self.to_v = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, dtype=dtype, device=device)])
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, context_index=None):
+        """`context_index` [N] (cross-attention only): query row n attends to context row context_index[n]; keys
+        and values are projected once per distinct context and then gathered."""
         context = x if context is None else context
-        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask)
+        k, v = self.to_k(context), self.to_v(context)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]
+            mask = None if mask is None else mask[context_index]
+        out = self.attention(self.to_q(x), k, v, self.heads, mask=mask)
         return self.to_out[0](out)
 
 
@@ -167,8 +180,9 @@ class TransformerBlock(nn.Module):
         self.ff = GELUFeedForward(dim, operations, dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.empty(6, dim, dtype=dtype, device=device))
 
-    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True):
-        """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None."""
+    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True, context_index=None):
+        """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None.
+        Per-frame prompts: context [U, L, C] (+ bias [U, 1, 1, L]) and context_index [B*F] (frame -> context row)."""
         b, _, c = x.shape
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t6.view(b, 6, c)).chunk(6, 1)
@@ -178,7 +192,11 @@ class TransformerBlock(nn.Module):
         x = x + gate_msa * attn
         if temporal and self.attn_temporal is not None:
             x = self.attn_temporal(x, num_frames, height, width)
-        x = x + self.attn2(x, context, context_mask)
+        if context_index is None:
+            x = x + self.attn2(x, context, context_mask)
+        else:  # cross-attention is per query token, so each frame's tokens may see their own prompt
+            frames = x.view(b * num_frames, height * width, c)
+            x = x + self.attn2(frames, context, context_mask, context_index).view(b, -1, c)
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(n)
 
@@ -259,9 +277,37 @@ class Transformer3DModel(nn.Module):
         out = self.forward_frames(frames, timestep, encoder_hidden_states, encoder_attention_mask, num_frames=f)
         return out.view(b, f, -1, h, w).transpose(1, 2)
 
+    def _text_contexts(self, embeds, mask, b: int, f: int):
+        """-> (embeds [B, L, Ct] or distinct contexts [U, L, Ct], mask, frame index [B*F] or None), checked."""
+        channels = self.config.caption_channels
+        index = None
+        if isinstance(embeds, FrameContexts):
+            if mask is not None:
+                raise ValueError("encoder_attention_mask must be None with FrameContexts (they carry their masks)")
+            if embeds.index.shape != (b * f,):
+                raise ValueError(f"FrameContexts index must have one entry per frame row ({b * f}); got shape "
+                                 f"{tuple(embeds.index.shape)}")
+            if embeds.uniform_per_video(f):  # e.g. a one-keyframe schedule: exactly the single-prompt path
+                embeds, mask = embeds.per_video(f)
+            else:
+                embeds, mask, index = embeds.embeds, embeds.mask, embeds.index
+        elif embeds.ndim == 3 and embeds.shape[0] == b * f and f > 1:  # one prompt per frame
+            index = torch.arange(b * f, device=embeds.device)
+        elif embeds.ndim != 3 or embeds.shape[0] != b:
+            raise ValueError(f"encoder_hidden_states must be [B={b}, L, {channels}] or, one per frame, "
+                             f"[B*F={b * f}, L, {channels}]; got shape {tuple(embeds.shape)}")
+        if embeds.ndim != 3 or embeds.shape[2] != channels:
+            raise ValueError(f"encoder_hidden_states must have {channels} channels; got shape {tuple(embeds.shape)}")
+        if mask is not None and mask.numel() != embeds.shape[0] * embeds.shape[1]:
+            raise ValueError(f"encoder_attention_mask must be {tuple(embeds.shape[:2])}; got {tuple(mask.shape)}")
+        return embeds, mask, index
+
     def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1,
                        temporal=True):
         """x [(B*F), C, H, W] (row b*F+f) -> [(B*F), out_channels, H, W].
+
+        `encoder_hidden_states`: [B, L, Ct] (one prompt per video), [B*F, L, Ct] (one per frame), or a
+        `prompt_schedule.FrameContexts` (distinct contexts + a frame index, no per-frame copies).
 
         `timestep`: a number, [B], or [B*F] (one value per row, as ComfyUI passes it; the first frame's is used).
         `temporal=False` skips the motion module (a host can then run one set of weights with and without it).
@@ -275,10 +321,8 @@ class Transformer3DModel(nn.Module):
             raise ValueError(f"latents must have {cfg.in_channels} channels; got {channels}")
         b = bf // f
         self.check_input_size(f, height, width)
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b \
-                or encoder_hidden_states.shape[2] != cfg.caption_channels:
-            raise ValueError(f"encoder_hidden_states must be [B={b}, L, {cfg.caption_channels}]; "
-                             f"got shape {tuple(encoder_hidden_states.shape)}")
+        encoder_hidden_states, encoder_attention_mask, context_index = self._text_contexts(
+            encoder_hidden_states, encoder_attention_mask, b, f)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
         if timestep.numel() == bf and f > 1:
             timestep = timestep[::f]
@@ -294,11 +338,13 @@ class Transformer3DModel(nn.Module):
         context = self.caption_projection(encoder_hidden_states.to(dtype))
         mask = None
         if encoder_attention_mask is not None:
-            keep = encoder_attention_mask.to(device=x.device, dtype=dtype).reshape(b, 1, 1, -1)
-            mask = (1 - keep) * -10000.0
+            keep = encoder_attention_mask.to(device=x.device, dtype=dtype).reshape(context.shape[0], 1, 1, -1)
+            mask = mask_bias(keep)
+        if context_index is not None:
+            context_index = context_index.to(x.device)
 
         for block in self.transformer_blocks:
-            args = (tokens, t6, context, mask, f, hp, wp, temporal)
+            args = (tokens, t6, context, mask, f, hp, wp, temporal, context_index)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, *args, use_reentrant=False)
             else:
