@@ -290,3 +290,25 @@ def estimate_memory(num_frames: int, distinct_prompts: int, tokens: int, channel
     one = tokens * channels * element_size + (tokens * element_size if masks else 0)
     per_call = num_frames if distinct_states_per_call is None else distinct_states_per_call
     return {"stored": distinct_prompts * one, "per_call": per_call * one, "per_frame_copies": num_frames * one}
+
+
+def batch_contexts(schedules: Sequence[PromptSchedule], rows: int, frames: int, positions=None,
+                   total_frames: int | None = None, dtype=None, device=None) -> FrameContexts:
+    """Per-row contexts of one frames-in-batch model call.
+
+    rows = len(schedules) chunks (e.g. cond and uncond) x videos x `frames`; chunk c follows schedules[c]. Row r of a
+    chunk is frame r % frames, or, for a context window, positions[r] (the window's indices into the whole latent,
+    taken modulo `total_frames`, the frames per video of the whole latent).
+    """
+    chunks = len(schedules)
+    if chunks == 0 or rows % chunks or (rows // chunks) % frames:
+        raise ValueError(f"a batch of {rows} rows is not {chunks} chunk(s) of whole {frames}-frame videos")
+    per_chunk = rows // chunks
+    if positions is None:
+        frame_of_row = [r % frames for r in range(per_chunk)]
+    else:
+        positions = [int(p) for p in positions]
+        if len(positions) != per_chunk:
+            raise ValueError(f"the context window has {len(positions)} indices for {per_chunk} rows per chunk")
+        frame_of_row = [p % total_frames if total_frames else p for p in positions]
+    return FrameContexts.cat([s.frame_contexts(frame_of_row, dtype=dtype, device=device) for s in schedules])

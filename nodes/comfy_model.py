@@ -9,6 +9,9 @@ built in model_patching.py).
   ModelPatcher's transformer_options say so (TEMPORAL_OPTION), which the motion-module node sets on a clone
   together with "set" patches carrying the temporal weights. So one base model serves with and without it.
 - Frames per video: transformer_options[FRAMES_OPTION] (our sampler sets it), else one video per cond chunk.
+- Prompt schedules (EasyAnimatePromptSchedule): the conditioning entry SCHEDULE_KEY holds a library PromptSchedule;
+  extra_conds passes it on untouched (CONDPromptSchedule: never repeated per row, one per cond chunk) and forward turns
+  it into per-frame contexts of the frames being run (the whole video, or transformer_options["context_window"]).
 """
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ import comfy.supported_models_base
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..easyanimate_model.config import TransformerConfig
+from ..easyanimate_model.prompt_schedule import PromptSchedule, batch_contexts, check_frames
 from ..easyanimate_model.transformer import Transformer3DModel
 
 log = logging.getLogger("EasyAnimate")
 
 FRAMES_OPTION = "easyanimate_frames"
 TEMPORAL_OPTION = "easyanimate_motion_module"
+SCHEDULE_KEY = "easyanimate_prompt_schedule"  # conditioning entry (and model cond) holding a PromptSchedule
 WEIGHT_DTYPES = {
     "default": None,
     "fp16": torch.float16,
@@ -56,12 +61,47 @@ class EasyAnimateDiT(Transformer3DModel):
         if rows % frames:
             raise ValueError(f"EasyAnimate: a batch of {rows} latent frames is not a whole number of {frames}-frame "
                              f"videos")
-        context = context[::frames]
-        if attention_mask is not None:
-            attention_mask = attention_mask[::frames]
+        schedules = kwargs.get(SCHEDULE_KEY)
+        if schedules:
+            context, attention_mask = self._scheduled_contexts(schedules, rows, frames, transformer_options,
+                                                               context.dtype, x.device), None
+        else:
+            context = context[::frames]
+            if attention_mask is not None:
+                attention_mask = attention_mask[::frames]
         out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
                                   temporal=transformer_options.get(TEMPORAL_OPTION, False))
         return out[:, :self.config.in_channels]
+
+
+    def _scheduled_contexts(self, schedules, rows, frames, transformer_options, dtype, device):
+        """FrameContexts for the rows of this call: one schedule per cond chunk; the rows' frame numbers come from
+        the context window (its indices into the whole latent) or count from 0 (the whole video)."""
+        window = transformer_options.get("context_window")
+        positions = getattr(window, "index_list", None)
+        total = int(transformer_options.get(FRAMES_OPTION) or 0) or schedules[0].video_rows
+        for s in schedules:
+            check_frames(s.schedule, total if positions is not None else frames, "EasyAnimatePromptSchedule")
+        return batch_contexts([s.schedule for s in schedules], rows, frames, positions, total, dtype=dtype,
+                              device=device)
+
+
+class CONDPromptSchedule(comfy.conds.CONDConstant):
+    """A PromptSchedule as a model cond: passed whole to the model (the model picks the frames it runs), one per
+    cond chunk; chunks with schedules batch together (concat gives the list). `video_rows` is the latent's row count
+    (frames of one video when no frame count is set, as core samplers run one video per chunk)."""
+
+    def __init__(self, cond: PromptSchedule, video_rows: int = 0):
+        self.cond, self.schedule, self.video_rows = cond, cond, video_rows
+
+    def _copy_with(self, cond):
+        return CONDPromptSchedule(cond, self.video_rows)
+
+    def can_concat(self, other):
+        return isinstance(other, CONDPromptSchedule)
+
+    def concat(self, others):
+        return [self] + list(others)
 
 
 class EasyAnimateBaseModel(comfy.model_base.BaseModel):
@@ -77,6 +117,10 @@ class EasyAnimateBaseModel(comfy.model_base.BaseModel):
         mask = kwargs.get("attention_mask")
         if mask is not None:
             out["attention_mask"] = comfy.conds.CONDRegular(mask)
+        schedule = kwargs.get(SCHEDULE_KEY)
+        if schedule is not None:
+            noise = kwargs.get("noise")
+            out[SCHEDULE_KEY] = CONDPromptSchedule(schedule, 0 if noise is None else noise.shape[0])
         return out
 
 
