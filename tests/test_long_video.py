@@ -89,3 +89,104 @@ def test_vae_encode_video_size_check_and_fit(comfy):
         g["21"] = encode_node(["20", 0], size=size)
         latent = saved_latent(comfy, run_ok(comfy, g), "23")
         assert latent.shape == (FRAMES, 4, 8, 8)
+
+
+# ---- context windows ----------------------------------------------------------------------------------------------
+def test_freenoise_repeats_shuffled_window_noise():
+    from easyanimate_model.context import freenoise
+
+    noise = torch.randn(23, 2, 3, generator=torch.Generator().manual_seed(0))
+    out = freenoise(noise, 8, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(out[:8], noise[:8]) and not torch.equal(out, noise)
+    # blocks of 6 new frames, each a permutation of the frames 8 earlier
+    for start in (8, 14, 20):
+        block = out[start:start + 6]
+        source = out[start - 8:start - 8 + block.shape[0]]
+        assert sorted(map(tuple, block.flatten(1).tolist())) == sorted(map(tuple, source.flatten(1).tolist()))
+    assert torch.equal(freenoise(noise[:8], 8, 2), noise[:8])  # fits in one window: unchanged
+    assert torch.equal(freenoise(noise, 8, 2, torch.Generator().manual_seed(1)), out)
+    with pytest.raises(ValueError, match="overlap"):
+        freenoise(noise, 8, 8)
+
+
+def write_latent(comfy, name, latent):
+    """A .latent file in the server's input folder (core LoadLatent reads it unscaled)."""
+    from safetensors.torch import save_file
+    folder = comfy.base_dir / "input"
+    folder.mkdir(exist_ok=True)
+    save_file({"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])},
+              str(folder / name))
+    return name
+
+
+def smooth_latent(frames, seed=0):
+    """Frames that change slowly: one random image plus a small, linearly growing second one."""
+    g = torch.Generator().manual_seed(seed)
+    base, drift = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g), torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g)
+    return base + drift * torch.linspace(0, 1, frames).view(-1, 1, 1, 1)
+
+
+def windowed_graph(latent_file, context=None, seed=3, steps=3, add_noise="disable", sampler="euler", cfg=6.0):
+    """Pipeline -> motion module -> (context options) -> KSamplerAdvanced on a loaded latent -> SaveLatent."""
+    g = graph()
+    g["4"] = {"class_type": "LoadLatent", "inputs": {"latent": latent_file}}
+    model = ["2", 0]
+    if context is not None:
+        g["9"] = {"class_type": "EasyAnimateContextOptions", "inputs": {"model": ["2", 0], **context}}
+        model = ["9", 0]
+    g["5"] = {"class_type": "KSamplerAdvanced",
+              "inputs": {"model": model, "add_noise": add_noise, "noise_seed": seed, "steps": steps, "cfg": cfg,
+                         "sampler_name": sampler, "scheduler": "normal", "positive": ["3", 0], "negative": ["3", 1],
+                         "latent_image": ["4", 0], "start_at_step": 0, "end_at_step": 10000,
+                         "return_with_leftover_noise": "disable"}}
+    return g
+
+
+def context(length, overlap=0, schedule="standard_static", fuse="pyramid", freenoise=True):
+    return {"context_length": length, "context_overlap": overlap, "context_schedule": schedule, "fuse_method": fuse,
+            "freenoise": freenoise, "context_stride": 1, "closed_loop": False}
+
+
+def test_context_length_covering_the_video_equals_no_windows(comfy):
+    name = write_latent(comfy, "long_cover.latent", smooth_latent(FRAMES))
+    seed = random.randint(0, 2**31)
+    plain = saved_latent(comfy, run_ok(comfy, windowed_graph(name, seed=seed, add_noise="enable")))
+    for length in (FRAMES, FRAMES + 5):
+        windowed = saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(length, 2), seed=seed,
+                                                                    add_noise="enable")))
+        assert torch.equal(plain, windowed), length
+
+
+def test_each_window_is_a_whole_video(comfy):
+    """Batched windows (no overlap) of 8 over 16 frames: each half comes out exactly as that half sampled alone, so
+    the motion module sees 8-frame videos and the temporal position encoding restarts in the second window."""
+    frames = 16
+    full = smooth_latent(frames, seed=1)
+    halves = [write_latent(comfy, f"long_half{i}.latent", full[i * 8:(i + 1) * 8]) for i in (0, 1)]
+    name = write_latent(comfy, "long_full.latent", full)
+    windowed = saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(8, 0, "batched", "flat"))))
+    for i, half in enumerate(halves):
+        alone = saved_latent(comfy, run_ok(comfy, windowed_graph(half)))
+        torch.testing.assert_close(windowed[i * 8:(i + 1) * 8], alone, rtol=0, atol=1e-5)
+    unwindowed = saved_latent(comfy, run_ok(comfy, windowed_graph(name)))
+    assert not torch.allclose(windowed, unwindowed, atol=1e-3)
+
+
+def frame_jumps(latent):
+    return (latent[1:] - latent[:-1]).abs().mean(dim=(1, 2, 3))
+
+
+def test_overlapping_windows_blend_without_seams(comfy):
+    """Smooth input, windows of 8 with overlap 4 over 20 frames: the frame-to-frame change at window edges is no
+    larger than inside a window. Without overlap (batched) the same edges jump: the check can fail."""
+    frames, length = 20, 8
+    name = write_latent(comfy, "long_seams.latent", smooth_latent(frames, seed=2))
+    blended = frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(length, 4)))))
+    edges = {s for s in range(4, frames, 4)}  # window starts of the static schedule: 0, 4, 8, 12
+    edge_pairs = sorted({s - 1 for s in edges} | {s + length - 1 for s in edges if s + length < frames})
+    inside = [i for i in range(frames - 1) if i not in edge_pairs]
+    assert frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name))))[edge_pairs].max() > 0
+    assert blended[edge_pairs].max() <= blended[inside].max(), (blended.tolist(), edge_pairs)
+    batched = frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(length, 0, "batched")))))
+    batched_inside = [i for i in range(frames - 1) if (i + 1) % length]
+    assert batched[[length - 1, 2 * length - 1]].max() > batched[batched_inside].max(), batched.tolist()
