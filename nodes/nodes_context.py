@@ -1,9 +1,10 @@
 """EasyAnimate Context Options: sliding context windows over the frames of a video, on core's context-window machinery
 (comfy.context_windows, the engine of core "Context Windows (Manual)"), set up for frames-in-batch EasyAnimate latents.
 
+Each window runs as a video of its own (comfy_model.frames_per_video takes the window's length), so the motion
+module sees whole videos and its temporal position encoding restarts per window, as in training.
 What the subclass of core's IndexListContextHandler adds, and why:
-- each window runs as a video of its own: the frames per video that EasyAnimateDiT reads (FRAMES_OPTION) are set to
-  the window's length while it runs, so the motion module sees whole videos and its position encoding restarts;
+- a batch of several videos is refused up front (windows would cross from one video into the next);
 - per-frame conditioning (rows = latent frames) is sliced to the window (0.3.75's handler leaves model_conds whole
   along dim 0);
 - the step lookup accepts per-row timesteps and sigmas between the schedule's steps (0.3.75 compares all rows with
@@ -22,7 +23,7 @@ import comfy.context_windows as cw
 import comfy.patcher_extension
 
 from ..easyanimate_model.context import freenoise
-from .comfy_model import FRAMES_OPTION
+from .comfy_model import FRAMES_KEY
 from .model_patching import easyanimate_model
 
 log = logging.getLogger("EasyAnimate")
@@ -39,14 +40,9 @@ class EasyAnimateContextHandler(cw.IndexListContextHandler):
             kwargs["causal_window_fix"] = False
         super().__init__(dim=0, **kwargs)
         self.use_freenoise = freenoise
-        self._frames_before = None
-        comfy.patcher_extension.add_callback_with_key(cw.IndexListCallbacks.EVALUATE_CONTEXT_WINDOWS, _KEY,
-                                                      _window_is_a_video, self.callbacks)
-        comfy.patcher_extension.add_callback_with_key(cw.IndexListCallbacks.EXECUTE_CLEANUP, _KEY,
-                                                      _restore_frames, self.callbacks)
 
     def should_use_context(self, model, conds, x_in, timestep, model_options):
-        frames = model_options.get("transformer_options", {}).get(FRAMES_OPTION) or x_in.size(0)
+        frames = model_options.get("transformer_options", {}).get(FRAMES_KEY) or x_in.size(0)
         if frames <= self.context_length:
             return False
         if x_in.size(0) != frames:
@@ -72,25 +68,6 @@ class EasyAnimateContextHandler(cw.IndexListContextHandler):
                 if isinstance(tensor, torch.Tensor) and tensor.ndim and tensor.size(0) == x_in.size(0):
                     model_conds[key] = value._copy_with(window.get_tensor(tensor, device))
         return resized
-
-
-def _window_is_a_video(handler, model, x_in, conds, timestep, model_options, window_idx, window, *args):
-    options = model_options["transformer_options"]
-    if handler._frames_before is None:
-        handler._frames_before = (FRAMES_OPTION in options, options.get(FRAMES_OPTION))
-    options[FRAMES_OPTION] = len(window.index_list)
-
-
-def _restore_frames(handler, model, x_in, conds, timestep, model_options):
-    if handler._frames_before is None:
-        return
-    had, value = handler._frames_before
-    handler._frames_before = None
-    options = model_options["transformer_options"]
-    if had:
-        options[FRAMES_OPTION] = value
-    else:
-        options.pop(FRAMES_OPTION, None)
 
 
 def _freenoise_wrapper(executor, guider, sigmas, extra_args, callback, noise, *args, **kwargs):

@@ -190,3 +190,20 @@ def test_overlapping_windows_blend_without_seams(comfy):
     batched = frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(length, 0, "batched")))))
     batched_inside = [i for i in range(frames - 1) if (i + 1) % length]
     assert batched[[length - 1, 2 * length - 1]].max() > batched[batched_inside].max(), batched.tolist()
+
+
+def test_easyanimate_sampler_with_context_windows(comfy):
+    seed = random.randint(0, 2**31)
+    plain = saved_latent(comfy, run_ok(comfy, graph(seed=seed, sampler="DPM++")))
+    g = graph(seed=seed, sampler="DPM++")
+    g["9"] = {"class_type": "EasyAnimateContextOptions", "inputs": {"model": ["2", 0], **context(FRAMES, 3)}}
+    g["5"]["inputs"]["model"] = ["9", 0]
+    assert torch.equal(saved_latent(comfy, run_ok(comfy, g)), plain)  # the video fits one window
+    g["9"]["inputs"].update(context(4, 2, "standard_uniform"))
+    windowed = saved_latent(comfy, run_ok(comfy, g))
+    assert windowed.shape == plain.shape and torch.isfinite(windowed).all() and not torch.allclose(windowed, plain)
+    g["4"]["inputs"]["batch_size"] = 2
+    assert "context windows run one video at a time" in execution_error(comfy, g)
+    g["9"]["inputs"].update(context(4, 4))
+    with pytest.raises(Exception, match="context_overlap 4 must be smaller than context_length 4"):
+        comfy.queue(g)
