@@ -8,7 +8,8 @@ register_folders()
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
-_MODULES = ["nodes_loaders", "nodes_lora", "nodes_text", "nodes_schedule", "nodes_latent", "nodes_sampler", "nodes_vae",
+_MODULES = ["nodes_loaders", "nodes_lora", "nodes_text", "nodes_schedule", "nodes_latent", "nodes_sampler",
+            "nodes_context", "nodes_vae",
             "nodes_video"]
 
 for _name in _MODULES:

@@ -8,7 +8,11 @@ built in model_patching.py).
   latents [B*F, 4, h, w]. It always has the motion-module structure; the motion module runs only when the
   ModelPatcher's transformer_options say so (TEMPORAL_OPTION), which the motion-module node sets on a clone
   together with "set" patches carrying the temporal weights. So one base model serves with and without it.
-- Frames per video: transformer_options[FRAMES_OPTION] (our sampler sets it), else one video per cond chunk.
+- Frames per video (`frames_per_video`, the one place that decides it): a core context window's length, else
+  transformer_options[FRAMES_KEY] (EasyAnimateSampler sets it from the latent's entry of the same name), else one
+  video per cond chunk (rows // len(cond_or_uncond)).
+- `EasyAnimateModelSampling`: the original schedulers' noise levels, with sigma -> timestep giving the original's
+  exact (fractional, for Euler / Euler A) timesteps, so the samplers of nodes_sampler.py reproduce it.
 - Prompt schedules (EasyAnimatePromptSchedule): the conditioning entry SCHEDULE_KEY holds a library PromptSchedule;
   extra_conds passes it on untouched (CONDPromptSchedule: never repeated per row, one per cond chunk) and forward turns
   it into per-frame contexts of the frames being run (the whole video, or transformer_options["context_window"]).
@@ -22,16 +26,19 @@ import torch
 import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
+import comfy.model_sampling
 import comfy.supported_models_base
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..easyanimate_model.config import TransformerConfig
 from ..easyanimate_model.prompt_schedule import PromptSchedule, batch_contexts, check_frames
+from ..easyanimate_model.sampling import sigma_to_timestep, timestep_to_sigma, train_sigmas
 from ..easyanimate_model.transformer import Transformer3DModel
 
 log = logging.getLogger("EasyAnimate")
 
-FRAMES_OPTION = "easyanimate_frames"
+# frames per video: the LATENT dict entry (EasyAnimateEmptyLatent) and the transformer_options key (the sampler)
+FRAMES_KEY = "easyanimate_frames"
 TEMPORAL_OPTION = "easyanimate_motion_module"
 SCHEDULE_KEY = "easyanimate_prompt_schedule"  # conditioning entry (and model cond) holding a PromptSchedule
 WEIGHT_DTYPES = {
@@ -56,34 +63,67 @@ class EasyAnimateDiT(Transformer3DModel):
         """x [rows, 4, h, w] (rows = chunks * B * F), context [rows, L, C] (one copy per row, as ComfyUI repeats
         conds to the batch), attention_mask [rows, L] or None -> eps [rows, 4, h, w] (learned sigma dropped)."""
         rows = x.shape[0]
-        frames = transformer_options.get(FRAMES_OPTION) or rows // max(1, len(transformer_options.get(
-            "cond_or_uncond", [None])))
-        if rows % frames:
-            raise ValueError(f"EasyAnimate: a batch of {rows} latent frames is not a whole number of {frames}-frame "
-                             f"videos")
+        frames = frames_per_video(rows, transformer_options)
         schedules = kwargs.get(SCHEDULE_KEY)
         if schedules:
             context, attention_mask = self._scheduled_contexts(schedules, rows, frames, transformer_options,
                                                                context.dtype, x.device), None
         else:
-            context = context[::frames]
+            # one text embedding per video: conds come repeated to every row (to the whole video's rows under a core
+            # context window, whose conds are not sliced)
+            stride = context.shape[0] // (rows // frames)
+            context = context[::stride]
             if attention_mask is not None:
-                attention_mask = attention_mask[::frames]
+                attention_mask = attention_mask[::stride]
         out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
                                   temporal=transformer_options.get(TEMPORAL_OPTION, False))
         return out[:, :self.config.in_channels]
-
 
     def _scheduled_contexts(self, schedules, rows, frames, transformer_options, dtype, device):
         """FrameContexts for the rows of this call: one schedule per cond chunk; the rows' frame numbers come from
         the context window (its indices into the whole latent) or count from 0 (the whole video)."""
         window = transformer_options.get("context_window")
         positions = getattr(window, "index_list", None)
-        total = int(transformer_options.get(FRAMES_OPTION) or 0) or schedules[0].video_rows
+        total = int(transformer_options.get(FRAMES_KEY) or 0) or schedules[0].video_rows
         for s in schedules:
             check_frames(s.schedule, total if positions is not None else frames, "EasyAnimatePromptSchedule")
         return batch_contexts([s.schedule for s in schedules], rows, frames, positions, total, dtype=dtype,
                               device=device)
+
+
+def frames_per_video(rows: int, transformer_options: dict) -> int:
+    """Frames per video in a model call of `rows` latent frames (see the module docstring)."""
+    frames = transformer_options.get(FRAMES_KEY)
+    window = transformer_options.get("context_window")
+    if window is not None:
+        if frames and max(window.index_list) >= frames:
+            raise ValueError(f"EasyAnimate: a context window over frames {window.index_list[0]}..."
+                             f"{window.index_list[-1]} crosses the end of a {frames}-frame video: context windows "
+                             f"need a batch of one video")
+        frames = len(window.index_list)
+    frames = frames or rows // max(1, len(transformer_options.get("cond_or_uncond", [None])))
+    if not frames or rows % frames:
+        raise ValueError(f"EasyAnimate: a batch of {rows} latent frames is not a whole number of {frames}-frame "
+                         f"videos")
+    return frames
+
+
+class EasyAnimateModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+    """EPS model sampling on the schedulers' own sigma table, with the exact inverse sigma -> timestep.
+
+    Core's ModelSamplingDiscrete rounds a sigma to the nearest integer timestep; Euler and Euler A run the model at
+    fractional timesteps (sigma linear between training steps), which this inverse gives back exactly.
+    """
+
+    def __init__(self, model_config=None):
+        super().__init__(model_config)
+        self.set_sigmas(train_sigmas())
+
+    def timestep(self, sigma):
+        return sigma_to_timestep(sigma, self.sigmas).to(device=sigma.device, dtype=torch.float32)
+
+    def sigma(self, timestep):
+        return timestep_to_sigma(timestep, self.sigmas).to(device=timestep.device, dtype=torch.float32)
 
 
 class CONDPromptSchedule(comfy.conds.CONDConstant):
@@ -107,11 +147,17 @@ class CONDPromptSchedule(comfy.conds.CONDConstant):
 class EasyAnimateBaseModel(comfy.model_base.BaseModel):
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.EPS, device=device, unet_model=EasyAnimateDiT)
+        self.model_sampling = EasyAnimateModelSampling(model_config)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
         cross_attn = kwargs.get("cross_attn")
         if cross_attn is not None:
+            channels = self.diffusion_model.config.caption_channels
+            if cross_attn.ndim != 3 or cross_attn.shape[-1] != channels:
+                raise ValueError(f"EasyAnimate: conditioning: expected T5 embeddings [batch, tokens, {channels}] "
+                                 f"(from EasyAnimateTextEncode or CLIPTextEncode on the EasyAnimate CLIP), found "
+                                 f"shape {tuple(cross_attn.shape)} (another text encoder?)")
             # Regular (not CrossAttn): T5 tokens must never be repeated to match another cond's length
             out["c_crossattn"] = comfy.conds.CONDRegular(cross_attn)
         mask = kwargs.get("attention_mask")

@@ -5,7 +5,7 @@ import torch
 
 import comfy.model_management
 
-FRAMES_KEY = "easyanimate_frames"  # LATENT dict entry: frames per video (the batch holds batch_size * frames rows)
+from .comfy_model import FRAMES_KEY  # LATENT dict entry: frames per video (the batch holds batch_size * frames rows)
 SIZE_MULTIPLE = 32  # patch 2 x VAE 8 x motion-module grid block 2 (spec A.5)
 
 

@@ -19,6 +19,7 @@ NODE_CONTRACT = {
     "EasyAnimateVAEDecode": (["vae", "samples", "frames_per_chunk", "tiled"], ["IMAGE"]),
     "EasyAnimateSaveVideo": (["images", "filename_prefix", "fps", "format", "quality", "loop"], ["IMAGE"]),
     "EasyAnimatePreviewVideo": (["images", "fps", "format"], ["IMAGE"]),
+    "EasyAnimateVAEEncodeVideo": (["vae", "images", "frames_per_chunk", "size"], ["LATENT"]),
 }
 OUTPUT_NODES = {"EasyAnimateSaveVideo", "EasyAnimatePreviewVideo"}
 SCALAR_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}

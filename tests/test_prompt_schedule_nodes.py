@@ -52,6 +52,14 @@ def latent_of(comfy, g):
     return saved_latent(comfy, run_ok(comfy, g))
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "Euler A", "DPM++", "PNDM", "DDIM"])
+def test_one_keyframe_equals_the_plain_prompt_easyanimate_sampler(comfy, sampler):
+    seed = random.randint(0, 2**31)
+    ref = latent_of(comfy, graph(plain("a red panda"), easyanimate_sampler(sampler, seed), batch=2))
+    out = latent_of(comfy, graph(scheduled("0: a red panda"), easyanimate_sampler(sampler, seed), batch=2))
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "euler_ancestral"])
 def test_one_keyframe_equals_the_plain_prompt_ksampler(comfy, sampler):
     seed = random.randint(0, 2**31)
@@ -94,14 +102,17 @@ def test_one_keyframe_with_t5_lora_equals_the_plain_prompt(comfy):
     assert not torch.equal(no_lora, ref)  # the T5 LoRA really changes the conditioning
 
 
-def frames_per_prompt(comfy, sample, schedule_text, prompts, split, extra=None):
+def frames_per_prompt(comfy, sample, schedule_text, prompts, split, extra=None, batch=1):
     """Without the motion module frames are denoised independently, so under a hold schedule frame f must equal
     frame f of the plain run of its own prompt: prompts[0] before `split`, prompts[1] from it on."""
-    out = latent_of(comfy, graph(scheduled(schedule_text, "hold"), sample, extra=extra))
-    refs = [latent_of(comfy, graph(plain(p), sample, extra=extra)) for p in prompts]
-    torch.testing.assert_close(out[:split], refs[0][:split], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[split:], refs[1][split:], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(refs[0][split:], refs[1][split:], atol=1e-3)  # the prompts do differ
+    def run(encode):
+        return latent_of(comfy, graph(encode, sample, batch=batch, extra=extra)).view(batch, FRAMES, -1)
+
+    out = run(scheduled(schedule_text, "hold"))
+    refs = [run(plain(p)) for p in prompts]
+    torch.testing.assert_close(out[:, :split], refs[0][:, :split], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, split:], refs[1][:, split:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(refs[0][:, split:], refs[1][:, split:], atol=1e-3)  # the prompts do differ
 
 
 def test_each_frame_sees_its_own_prompt(comfy):
@@ -110,14 +121,36 @@ def test_each_frame_sees_its_own_prompt(comfy):
                       ["a red panda", "a blue whale"], 5)
 
 
-def test_each_context_window_sees_its_frames_prompts(comfy):
+def test_each_frame_sees_its_own_prompt_batch_of_videos(comfy):
     seed = random.randint(0, 2**31)
-    windows = {"9": {"class_type": "ContextWindowsManual",
-                     "inputs": {"model": ["1", 0], "context_length": 4, "context_overlap": 1,
-                                "context_schedule": "standard_static", "context_stride": 1, "closed_loop": False,
-                                "fuse_method": "pyramid", "dim": 0}}}
-    frames_per_prompt(comfy, ksampler(seed=seed, model=("9", 0)), "0: a red panda\n3: a blue whale",
-                      ["a red panda", "a blue whale"], 3, extra=windows)
+    frames_per_prompt(comfy, easyanimate_sampler("DDIM", seed=seed, model=("1", 0)),
+                      "0: a red panda\n2: a blue whale", ["a red panda", "a blue whale"], 2, batch=2)
+
+
+CONTEXT = {"9": {"class_type": "EasyAnimateContextOptions",
+                 "inputs": {"model": ["1", 0], "context_length": 4, "context_overlap": 1,
+                            "context_schedule": "standard_static", "fuse_method": "pyramid", "freenoise": False,
+                            "context_stride": 1, "closed_loop": False}}}
+
+
+@pytest.mark.parametrize("sample", [ksampler, easyanimate_sampler])
+def test_each_context_window_sees_its_frames_prompts(comfy, sample):
+    seed = random.randint(0, 2**31)
+    frames_per_prompt(comfy, sample(seed=seed, model=("9", 0)), "0: a red panda\n3: a blue whale",
+                      ["a red panda", "a blue whale"], 3, extra=CONTEXT)
+
+
+def test_windows_with_the_motion_module_follow_the_schedule(comfy):
+    seed = random.randint(0, 2**31)
+    context = {"9": dict(CONTEXT["9"], inputs={**CONTEXT["9"]["inputs"], "model": ["2", 0]})}
+    one = latent_of(comfy, graph(scheduled("0: a red panda"), easyanimate_sampler(seed=seed, model=("9", 0)),
+                                 extra=context))
+    ref = latent_of(comfy, graph(plain("a red panda"), easyanimate_sampler(seed=seed, model=("9", 0)),
+                                 extra=context))
+    assert torch.equal(one, ref)
+    travel = latent_of(comfy, graph(scheduled("0: a red panda\n6: a blue whale"),
+                                    easyanimate_sampler(seed=seed, model=("9", 0)), extra=context))
+    assert torch.isfinite(travel).all() and not torch.equal(travel, ref)
 
 
 def test_two_keyframes_change_the_video_with_the_motion_module(comfy):
