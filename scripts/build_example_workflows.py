@@ -1,4 +1,4 @@
-"""Regenerate example_workflows/: the four UI workflows, their API twins (api/) and their thumbnails (.jpg).
+"""Regenerate example_workflows/: the UI workflows, their API twins (api/) and their thumbnails (.jpg).
 
 The workflows are made by the real ComfyUI frontend, not written by hand: the script starts ComfyUI 0.3.75 with
 this pack on tiny models (tests/comfy_client.py), opens it in Debian's chromium through Playwright, lets LiteGraph
@@ -98,6 +98,43 @@ def core_ksampler():
     ]
 
 
+SEASONS_SCHEDULE = (
+    "0: A country road through a forest in spring, trees with fresh green leaves and pink blossoms, soft morning "
+    "light, a natural landscape shot.\n"
+    "120: The same country road through a forest in summer, dense green trees, bright sunshine and a blue sky, a "
+    "natural landscape shot.\n"
+    "239: The same country road through a forest in autumn, red and yellow leaves falling on the road, golden "
+    "evening light, a natural landscape shot.")
+
+
+def prompt_travel():
+    """240 frames (3x the trained length) through context windows, with a prompt schedule over three seasons."""
+    return [
+        *loader_nodes(),
+        dict(key="context", type="EasyAnimateContextOptions", pos=[0, 340], size=[340, 250], links={"model": ("mm", 0)},
+             widgets={"context_length": 80, "context_overlap": 20, "context_schedule": "standard_static",
+                      "fuse_method": "pyramid", "freenoise": True}),
+        dict(key="text", type="EasyAnimatePromptSchedule", pos=[400, 0], size=[420, 420], links={"clip": ("pipe", 1)},
+             widgets={"schedule": SEASONS_SCHEDULE, "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+                      "interpolation": "linear", "frames": 240}),
+        dict(key="latent", type="EasyAnimateEmptyLatent", pos=[400, 480],
+             widgets={"width": 512, "height": 512, "frames": 240, "batch_size": 1}),
+        dict(key="sampler", type="EasyAnimateSampler", pos=[860, 0], size=[300, 230],
+             links={"model": ("context", 0), "positive": ("text", 0), "negative": ("text", 1),
+                    "latent": ("latent", 0)},
+             widgets={"seed": 43, "control_after_generate": "fixed", "steps": 30, "cfg": 6.0, "sampler": "DPM++"}),
+        dict(key="decode", type="EasyAnimateVAEDecode", pos=[860, 290], size=[300, 110],
+             links={"vae": ("pipe", 2), "samples": ("sampler", 0)}, widgets={"frames_per_chunk": 1, "tiled": False}),
+        dict(key="save", type="EasyAnimateSaveVideo", pos=[1200, 0], size=[420, 560],
+             links={"images": ("decode", 0)}, widgets=SAVE_VIDEO),
+        dict(key="note", type="Note", pos=[0, -300], size=[760, 240], widgets={"": FILES_NOTE + (
+            "\nPrompt travel: 240 frames (20 s at 12 fps, three times the trained 80) from spring through summer to "
+            "autumn. The prompt schedule keyframes frames 0, 120 and 239 and blends the prompts in between; the "
+            "context options denoise 80-frame windows overlapping by 20, and each window sees the prompts of its "
+            "own frames. Frames in the schedule and in the latent must agree.")}),
+    ]
+
+
 WORKFLOWS = {
     "easyanimate_t2v_landscape_dpmpp": t2v(
         FILES_NOTE + "\nThe original EasyAnimate v1 defaults: 512x512, 80 frames at 12 fps, 30 steps, cfg 6, DPM++, "
@@ -117,6 +154,7 @@ WORKFLOWS = {
                     links={"model": ("mm", 0), "clip": ("pipe", 1)},
                     widgets={"lora_name": LORA_FILE, "strength_model": 0.55, "strength_clip": 0.55})]),
     "easyanimate_core_ksampler": core_ksampler(),
+    "easyanimate_prompt_travel_seasons": prompt_travel(),
 }
 
 # thumbnail text and colours (top, bottom of the gradient) per workflow
@@ -129,6 +167,9 @@ CARDS = {
                                   "512x512 · 80 frames · 12 fps", ((90, 60, 130), (230, 215, 245))),
     "easyanimate_core_ksampler": ("Core KSampler", "Core nodes", "KSampler dpmpp_2m · VAE Decode",
                                   "512x512 · 80 frames · 12 fps", ((40, 110, 80), (215, 240, 225))),
+    "easyanimate_prompt_travel_seasons": ("Prompt travel", "Spring > summer > autumn",
+                                          "Prompt schedule · context windows 80/20",
+                                          "512x512 · 240 frames · 12 fps", ((150, 100, 40), (240, 225, 200))),
 }
 
 # runs in the page: an empty graph, then nodes made, set and wired by LiteGraph itself, as a user would

@@ -15,7 +15,7 @@ from comfy_client import REPO_DIR
 
 EXAMPLES = REPO_DIR / "example_workflows"
 NAMES = ["easyanimate_core_ksampler", "easyanimate_portrait_euler_a", "easyanimate_portrait_lora",
-         "easyanimate_t2v_landscape_dpmpp"]
+         "easyanimate_prompt_travel_seasons", "easyanimate_t2v_landscape_dpmpp"]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # frontend nodes: not in /object_info, not in API prompts
 SCALAR_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 TINY = {"width": 64, "height": 64, "frames": 8, "steps": 2}
@@ -128,6 +128,37 @@ def test_landscape_example_has_the_original_defaults():
     assert {"KSampler", "VAEDecode", "CLIPTextEncode", "EasyAnimateSaveVideo"} <= core
 
 
+def test_prompt_travel_example_settings():
+    from easyanimate_model.prompt_schedule import parse_schedule
+
+    api = {n["class_type"]: n["inputs"] for n in api_workflow("easyanimate_prompt_travel_seasons").values()}
+    schedule = api["EasyAnimatePromptSchedule"]
+    keyframes = parse_schedule(schedule["schedule"], schedule["frames"])
+    assert [k.frame for k in keyframes] == [0, 120, 239]
+    assert [k.prompt.split(",")[0].split()[-1] for k in keyframes] == ["spring", "summer", "autumn"]
+    assert schedule["frames"] == api["EasyAnimateEmptyLatent"]["frames"] == 240
+    assert api["EasyAnimateContextOptions"]["context_length"] == 80
+    ids = {n["class_type"]: i for i, n in api_workflow("easyanimate_prompt_travel_seasons").items()}
+    assert api["EasyAnimateSampler"]["model"] == [ids["EasyAnimateContextOptions"], 0]
+    assert api["EasyAnimateSampler"]["positive"] == [ids["EasyAnimatePromptSchedule"], 0]
+
+
+def shrink_overrides(workflow):
+    """Extra --set overrides that shrink an example to TINY frames where its nodes depend on the frame count."""
+    out = []
+    for node in workflow.values():
+        if node["class_type"] == "EasyAnimatePromptSchedule":
+            from easyanimate_model.prompt_schedule import parse_schedule
+
+            inputs = node["inputs"]
+            keyframes = parse_schedule(inputs["schedule"], inputs["frames"])
+            text = "\n".join(f"{k.frame * TINY['frames'] // inputs['frames']}: {k.prompt}" for k in keyframes)
+            out += [f"EasyAnimatePromptSchedule.frames={TINY['frames']}", f"EasyAnimatePromptSchedule.schedule={text}"]
+        if node["class_type"] == "EasyAnimateContextOptions":  # still more frames than one window
+            out += ["EasyAnimateContextOptions.context_length=4", "EasyAnimateContextOptions.context_overlap=1"]
+    return out
+
+
 def test_api_queue_overrides_and_rejects_ui_files(tmp_path):
     api_queue = load_api_queue()
     workflow = api_workflow("easyanimate_t2v_landscape_dpmpp")
@@ -194,6 +225,7 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
     sampler = next(n["class_type"] for n in workflow.values() if n["class_type"] in ("EasyAnimateSampler", "KSampler"))
     overrides = [f"EasyAnimateEmptyLatent.{key}={TINY[key]}" for key in ("width", "height", "frames")]
     overrides += [f"{sampler}.steps={TINY['steps']}", f"EasyAnimateSaveVideo.filename_prefix=examples/{name}"]
+    overrides += shrink_overrides(workflow)
     (tmp_path / "api.json").write_text(json.dumps(workflow))
     args = argparse.Namespace(workflow=str(tmp_path / "api.json"), set=overrides, server=comfy.url,
                               out=str(tmp_path / "out"), timeout=600)
