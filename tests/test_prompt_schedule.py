@@ -210,3 +210,15 @@ def test_bad_context_shapes_are_refused(tiny_model):
         tiny_model.forward_frames(x, t, texts, masks, num_frames=4)
     with pytest.raises(ValueError, match="one entry per frame row"):
         tiny_model.forward_frames(x, t, FrameContexts(texts, masks, torch.zeros(4, dtype=torch.long)), num_frames=4)
+
+
+def test_conditioning_memory_at_240_frames_with_three_t5_xxl_prompts():
+    """The numbers of the closing note: T5-XXL (120 tokens x 4096, fp32), 240 frames, 3 seasons, 80-frame windows."""
+    embeds, masks = torch.empty(3, 120, 4096, device="meta"), torch.empty(3, 120, device="meta")
+    one = 120 * 4096 * 4 + 120 * 4
+    for interpolation, per_call in (("hold", 2), ("linear", 80)):
+        s = PromptSchedule(embeds, masks, [0, 120, 239], [0, 1, 2], 240, interpolation)
+        est = s.memory_estimate(window=80)
+        assert s.nbytes() == est["stored"] == 3 * one == 5_899_680  # 5.6 MiB
+        assert est["per_frame_copies"] == 240 * one == 471_974_400  # 450 MiB: 80x more
+        assert est["per_call"] == per_call * one  # materialised per window, freed after the call
