@@ -121,7 +121,10 @@ def main():
             cmd = [sys.executable, __file__, "--child", "--frames", str(frames), "--size", str(args.size),
                    "--steps", str(args.steps), "--overlap", str(args.overlap), "--threads", str(args.threads),
                    "--comfy", args.comfy] + (["--windows"] if windows else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=args.comfy)
+            # fixed mmap threshold: big tensors come from mmap and go back to the OS when freed, so the RSS high-water
+            # mark follows live tensor memory instead of heap fragmentation (glibc's default threshold floats)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=args.comfy, env=env)
             if out.returncode:
                 sys.exit(f"child failed ({frames} frames, windows={windows}):\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

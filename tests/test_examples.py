@@ -14,11 +14,20 @@ from PIL import Image
 from comfy_client import REPO_DIR
 
 EXAMPLES = REPO_DIR / "example_workflows"
-NAMES = ["easyanimate_core_ksampler", "easyanimate_portrait_euler_a", "easyanimate_portrait_lora",
-         "easyanimate_t2v_landscape_dpmpp"]
+NAMES = ["easyanimate_core_ksampler", "easyanimate_long_video_context_windows", "easyanimate_portrait_euler_a",
+         "easyanimate_portrait_lora", "easyanimate_t2v_landscape_dpmpp", "easyanimate_video_to_video"]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # frontend nodes: not in /object_info, not in API prompts
 SCALAR_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 TINY = {"width": 64, "height": 64, "frames": 8, "steps": 2}
+# per-example shrinking on top of TINY: (extra overrides, frames in the saved video)
+SHRINK = {
+    # windows of 8 (overlap 2) over 24 frames: the windows really run, as at 80 over 240
+    "easyanimate_long_video_context_windows": (["EasyAnimateEmptyLatent.frames=24",
+                                                "EasyAnimateContextOptions.context_length=8",
+                                                "EasyAnimateContextOptions.context_overlap=2"], 24),
+    # denoise 0.6 of 4 steps = the last 2 steps; the input clip (write_v2v_clip) is 64x64, 8 frames
+    "easyanimate_video_to_video": (["EasyAnimateSampler.steps=4"], 8),
+}
 
 
 def ui_workflow(name):
@@ -31,6 +40,14 @@ def api_workflow(name):
 
 def load_api_queue():
     spec = importlib.util.spec_from_file_location("api_queue", REPO_DIR / "examples" / "api_queue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_build_script():
+    spec = importlib.util.spec_from_file_location("build_example_workflows",
+                                                  REPO_DIR / "scripts" / "build_example_workflows.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -192,8 +209,16 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
     api_queue = load_api_queue()
     workflow = api_workflow(name)
     sampler = next(n["class_type"] for n in workflow.values() if n["class_type"] in ("EasyAnimateSampler", "KSampler"))
-    overrides = [f"EasyAnimateEmptyLatent.{key}={TINY[key]}" for key in ("width", "height", "frames")]
+    classes = {n["class_type"] for n in workflow.values()}
+    overrides = [f"EasyAnimateEmptyLatent.{key}={TINY[key]}" for key in ("width", "height", "frames")
+                 if "EasyAnimateEmptyLatent" in classes]
     overrides += [f"{sampler}.steps={TINY['steps']}", f"EasyAnimateSaveVideo.filename_prefix=examples/{name}"]
+    extra, frames = SHRINK.get(name, ([], TINY["frames"]))
+    overrides += extra
+    if "LoadVideo" in classes:
+        build = load_build_script()
+        (comfy.base_dir / "input").mkdir(exist_ok=True)
+        build.write_v2v_clip(comfy.base_dir / "input" / build.V2V_CLIP, frames=frames, size=TINY["width"])
     (tmp_path / "api.json").write_text(json.dumps(workflow))
     args = argparse.Namespace(workflow=str(tmp_path / "api.json"), set=overrides, server=comfy.url,
                               out=str(tmp_path / "out"), timeout=600)
@@ -208,7 +233,7 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
 
     reader = imageio_ffmpeg.read_frames(str(video))
     meta = next(reader)
-    assert meta["size"] == (TINY["width"], TINY["height"]) and sum(1 for _ in reader) == TINY["frames"]
+    assert meta["size"] == (TINY["width"], TINY["height"]) and sum(1 for _ in reader) == frames
 
 
 def test_api_queue_reports_invalid_inputs_before_running(comfy, tmp_path):
