@@ -53,6 +53,13 @@ def load_build_script():
     return module
 
 
+def write_input_clip(comfy, frames=TINY["frames"]):
+    """The clip the video-to-video example loads, in the server's input/ (LoadVideo's combo lists it)."""
+    build = load_build_script()
+    (comfy.base_dir / "input").mkdir(exist_ok=True)
+    build.write_v2v_clip(comfy.base_dir / "input" / build.V2V_CLIP, frames=frames, size=TINY["width"])
+
+
 def widget_names(info):
     """Names of a node's widgets in the frontend's order (= widgets_values order), from /object_info: scalar and
     combo inputs in input order, with the seed's control_after_generate widget right after it."""
@@ -64,6 +71,8 @@ def widget_names(info):
             if opts.get("forceInput") or not (isinstance(kind, list) or kind == "COMBO" or kind in SCALAR_WIDGETS):
                 continue
             names.append(name)
+            if any(opts.get(f"{what}_upload") for what in ("image", "audio", "video", "file")):
+                names.append("upload")  # the frontend's upload button is a widget with a stored value
             if kind == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
                 names.append("control_after_generate")
     return names
@@ -78,7 +87,7 @@ def expected_api(ui, object_info):
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
             continue
         names = widget_names(object_info[node["type"]])
-        inputs = {n: v for n, v in zip(names, node.get("widgets_values", [])) if n != "control_after_generate"}
+        inputs = {n: v for n, v in zip(names, node.get("widgets_values", [])) if n not in ("control_after_generate", "upload")}
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 _, origin, origin_slot, *_ = links[slot["link"]]
@@ -179,6 +188,7 @@ def test_template_browser_serves_every_example(comfy):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_matches_node_definitions_and_api_twin(comfy, name):
+    write_input_clip(comfy)
     object_info = comfy.object_info()
     ui = ui_workflow(name)
     for node in ui["nodes"]:
@@ -191,6 +201,8 @@ def test_ui_workflow_matches_node_definitions_and_api_twin(comfy, name):
         assert len(values) == len(names), f"{name}: node {node['id']} {node['type']}: {values} vs {names}"
         specs = {**info["input"]["required"], **(info["input"].get("optional") or {})}
         for widget, value in zip(names, values):
+            if widget == "upload":
+                continue
             if widget == "control_after_generate":
                 assert value == "fixed", f"{name}: the example seed must stay fixed"
                 continue
@@ -216,9 +228,7 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
     extra, frames = SHRINK.get(name, ([], TINY["frames"]))
     overrides += extra
     if "LoadVideo" in classes:
-        build = load_build_script()
-        (comfy.base_dir / "input").mkdir(exist_ok=True)
-        build.write_v2v_clip(comfy.base_dir / "input" / build.V2V_CLIP, frames=frames, size=TINY["width"])
+        write_input_clip(comfy, frames)
     (tmp_path / "api.json").write_text(json.dumps(workflow))
     args = argparse.Namespace(workflow=str(tmp_path / "api.json"), set=overrides, server=comfy.url,
                               out=str(tmp_path / "out"), timeout=600)
