@@ -150,6 +150,19 @@ class EasyAnimateModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy
     def timestep(self, sigma):
         return sigma_to_timestep(sigma, self.sigmas).to(device=sigma.device, dtype=torch.float32)
 
+    @staticmethod
+    def _per_row(sigma, x):
+        # one sigma per cond chunk (see nodes_sampler.py: under 0.3.75's context windows) -> one per latent row
+        if sigma.numel() > 1 and sigma.numel() != x.shape[0] and x.shape[0] % sigma.numel() == 0:
+            return sigma.reshape(-1).repeat_interleave(x.shape[0] // sigma.numel())
+        return sigma
+
+    def calculate_input(self, sigma, noise):
+        return super().calculate_input(self._per_row(sigma, noise), noise)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return super().calculate_denoised(self._per_row(sigma, model_output), model_output, model_input)
+
     def sigma(self, timestep):
         return timestep_to_sigma(timestep, self.sigmas).to(device=timestep.device, dtype=torch.float32)
 

@@ -63,7 +63,10 @@ def _sample_original(model, x, sigmas, extra_args=None, callback=None, disable=N
         latents = to_video(noise.to(x)) * sched.init_noise_sigma
     else:
         latents = to_video(x) / model_scale(sigmas[0])
-    s_in = x.new_ones([x.shape[0]])
+    # core samplers pass one sigma per latent row; ComfyUI 0.3.75's context windows compare that tensor with the
+    # schedule elementwise (IndexListContextHandler.set_step) and need a single value (the model sampling of
+    # comfy_model.py spreads it over the rows again)
+    s_in = x.new_ones([1 if "context_handler" in extra_args.get("model_options", {}) else x.shape[0]])
     seed = extra_args.get("seed")
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
 
