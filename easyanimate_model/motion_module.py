@@ -119,7 +119,8 @@ class TemporalTransformer3DModel(nn.Module):
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int, transformer_options=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int,
+                transformer_options=None) -> torch.Tensor:
         """x: [B, F*h*w, C] tokens (frame-major, row-major within a frame) -> same shape, residual included."""
         b, _, c = x.shape
         f, s = num_frames, self.block_size
@@ -143,5 +144,6 @@ class VanillaTemporalModule(nn.Module):
         self.temporal_transformer = TemporalTransformer3DModel(
             dim, cfg, operations or TorchOps, attention or sdpa_attention, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int, transformer_options=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int,
+                transformer_options=None) -> torch.Tensor:
         return self.temporal_transformer(x, num_frames, height, width, transformer_options)

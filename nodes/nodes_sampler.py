@@ -18,8 +18,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, make_scheduler, run_schedule,
-                                          schedule_sigmas, scheduler_for_sigmas)
+from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, run_schedule, schedule_sigmas,
+                                          scheduler_for_sigmas)
 from .comfy_model import FRAMES_KEY
 from .model_patching import easyanimate_model, motion_module_enabled
 
@@ -108,8 +108,9 @@ class EasyAnimateSamplerSelect:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"sampler": (list(SCHEDULERS), {"default": "DPM++", "tooltip":
-                                         "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
+        return {"required": {"sampler": (list(SCHEDULERS), {
+            "default": "DPM++",
+            "tooltip": "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
 
     def select(self, sampler):
         return (easyanimate_sampler(sampler),)

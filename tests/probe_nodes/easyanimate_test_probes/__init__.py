@@ -5,7 +5,6 @@ import collections
 import math
 import os
 
-import torch
 from safetensors.torch import save_file
 
 import comfy.patcher_extension
