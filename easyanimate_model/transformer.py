@@ -2,6 +2,11 @@
 
 Module paths equal the release state-dict keys (spec B), so `load_state_dict(strict=True)` takes base DiT + motion
 module files unchanged. `config.motion_module=None` builds the plain 2D PixArt model (no `attn_temporal`).
+
+Host hooks: `forward_frames(transformer_options=...)` hands an opaque dict down to every block (`run_block`, which a
+host may override) and every attention call, which then becomes
+`attention(q, k, v, heads, mask=mask, transformer_options=..., name="attn1" | "attn2" | "attn_temporal")`.
+Without it the attention is called as `attention(q, k, v, heads, mask=mask)`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
-from .ops import TorchOps, chunked_rows, sdpa_attention
+from .ops import TorchOps, call_attention, chunked_rows, sdpa_attention
 
 # timestep sinusoid width of PixArt's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`
 TIMESTEP_CHANNELS = 256
@@ -121,19 +126,21 @@ class CaptionProjection(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections (diffusers `Attention` key layout)."""
 
-    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None):
+    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None, name="attn1"):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
         self.attention = attention
+        self.name = name
         self.to_q = operations.Linear(dim, dim, dtype=dtype, device=device)
         self.to_k = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_v = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, dtype=dtype, device=device)])
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, transformer_options=None):
         context = x if context is None else context
-        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask)
+        out = call_attention(self.attention, self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask,
+                             transformer_options, self.name)
         return self.to_out[0](out)
 
 
@@ -163,22 +170,24 @@ class TransformerBlock(nn.Module):
         self.attn_temporal = None if config.motion_module is None else VanillaTemporalModule(
             dim, config.motion_module, operations, attention, dtype=dtype, device=device)
         self.attn2 = Attention(dim, config.num_attention_heads, operations, attention,
-                               context_dim=config.cross_attention_dim, dtype=dtype, device=device)
+                               context_dim=config.cross_attention_dim, dtype=dtype, device=device, name="attn2")
         self.ff = GELUFeedForward(dim, operations, dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.empty(6, dim, dtype=dtype, device=device))
 
-    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True):
+    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True,
+                transformer_options=None):
         """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None."""
         b, _, c = x.shape
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t6.view(b, 6, c)).chunk(6, 1)
 
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_msa) + shift_msa
-        attn = self.attn1(n.view(b * num_frames, height * width, c)).view(b, -1, c)  # per frame
+        attn = self.attn1(n.view(b * num_frames, height * width, c),
+                          transformer_options=transformer_options).view(b, -1, c)  # per frame
         x = x + gate_msa * attn
         if temporal and self.attn_temporal is not None:
-            x = self.attn_temporal(x, num_frames, height, width)
-        x = x + self.attn2(x, context, context_mask)
+            x = self.attn_temporal(x, num_frames, height, width, transformer_options=transformer_options)
+        x = x + self.attn2(x, context, context_mask, transformer_options=transformer_options)
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(n)
 
@@ -235,6 +244,14 @@ class Transformer3DModel(nn.Module):
                 module.pe = sinusoidal_temporal_pe(module.pe.shape[1], module.pe.shape[2], device=device,
                                                    dtype=module.pe.dtype)
 
+    def run_block(self, index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                  transformer_options=None):
+        """Block `index` on tokens x [B, F*h*w, C]; the place for a host's per-block hooks (override it)."""
+        args = (x, t6, context, mask, num_frames, height, width, temporal, transformer_options)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def check_input_size(self, num_frames: int, height: int, width: int):
         """Raise ValueError for latent sizes the model cannot run (before any compute)."""
         p = self.config.patch_size
@@ -260,11 +277,12 @@ class Transformer3DModel(nn.Module):
         return out.view(b, f, -1, h, w).transpose(1, 2)
 
     def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1,
-                       temporal=True):
+                       temporal=True, transformer_options=None):
         """x [(B*F), C, H, W] (row b*F+f) -> [(B*F), out_channels, H, W].
 
         `timestep`: a number, [B], or [B*F] (one value per row, as ComfyUI passes it; the first frame's is used).
         `temporal=False` skips the motion module (a host can then run one set of weights with and without it).
+        `transformer_options`: an opaque dict for the host, passed to `run_block` and every attention call.
         """
         cfg = self.config
         bf, channels, height, width = x.shape
@@ -297,12 +315,8 @@ class Transformer3DModel(nn.Module):
             keep = encoder_attention_mask.to(device=x.device, dtype=dtype).reshape(b, 1, 1, -1)
             mask = (1 - keep) * -10000.0
 
-        for block in self.transformer_blocks:
-            args = (tokens, t6, context, mask, f, hp, wp, temporal)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, *args, use_reentrant=False)
-            else:
-                tokens = block(*args)
+        for index, block in enumerate(self.transformer_blocks):
+            tokens = self.run_block(index, block, tokens, t6, context, mask, f, hp, wp, temporal, transformer_options)
 
         table = self.scale_shift_table.to(device=x.device, dtype=dtype)
         shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)

@@ -18,8 +18,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, add_noise_at, denoise_start, make_scheduler,
-                                          run_schedule, schedule_sigmas, scheduler_for_sigmas)
+from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, add_noise_at, denoise_start, run_schedule,
+                                          schedule_sigmas, scheduler_for_sigmas)
 from .comfy_model import FRAMES_KEY
 from .model_patching import easyanimate_model, motion_module_enabled
 
@@ -66,7 +66,10 @@ def _sample_original(model, x, sigmas, extra_args=None, callback=None, disable=N
         latents = add_noise_at(sched, to_video(latent_image.to(x)), to_video(noise.to(x)), start)
     else:
         latents = to_video(x) / model_scale(sigmas[0])
-    s_in = x.new_ones([x.shape[0]])
+    # core samplers pass one sigma per latent row; ComfyUI 0.3.75's context windows compare that tensor with the
+    # schedule elementwise (IndexListContextHandler.set_step) and need a single value (the model sampling of
+    # comfy_model.py spreads it over the rows again)
+    s_in = x.new_ones([1 if "context_handler" in extra_args.get("model_options", {}) else x.shape[0]])
     seed = extra_args.get("seed")
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
 
@@ -108,8 +111,9 @@ class EasyAnimateSamplerSelect:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"sampler": (list(SCHEDULERS), {"default": "DPM++", "tooltip":
-                                         "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
+        return {"required": {"sampler": (list(SCHEDULERS), {
+            "default": "DPM++",
+            "tooltip": "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
 
     def select(self, sampler):
         return (easyanimate_sampler(sampler),)
