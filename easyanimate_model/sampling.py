@@ -152,6 +152,21 @@ def scheduler_for_sigmas(scheduler: str, sigmas: torch.Tensor, device=None, max_
                      f"{'...' if len(sigmas) > 6 else ''}")
 
 
+def denoise_start(steps: int, denoise: float) -> int:
+    """Steps skipped for a partial denoise, with the diffusers img2img `strength` rule: the last
+    `min(int(steps * denoise), steps)` steps run (denoise 1: all of them; 0: none, the input comes back)."""
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise: expected a value from 0 to 1, found {denoise}")
+    return steps - min(int(steps * denoise), steps)
+
+
+def add_noise_at(scheduler, latents: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
+    """`latents` noised to the scheduler's timestep at step `start` with the scheduler's own `add_noise`
+    (the img2img pipelines' start point); `scheduler` as `scheduler_for_sigmas` returns it."""
+    t = scheduler.timesteps[start:start + 1]
+    return scheduler.add_noise(latents, noise, t)
+
+
 _SCHEDULE_CACHE: dict = {}
 
 
@@ -189,6 +204,8 @@ def sample(
     generator: torch.Generator | list | None = None,
     callback: Callable | None = None,
     shape: tuple | None = None,
+    init_latents: torch.Tensor | None = None,
+    denoise: float = 1.0,
 ) -> torch.Tensor:
     """Denoise video latents [B, 4, F, h, w] with the v1 pipeline loop; returns the final latents (unscaled by the VAE).
 
@@ -198,11 +215,16 @@ def sample(
         `randn_tensor(shape, generator)` in the dtype of `prompt_embeds`, like the original.
     callback(step_index, total, t, latents): called after every model call; an exception raised in it stops sampling.
     Guidance (batch `cat([negative, positive])`) runs only when guidance_scale > 1.
+    init_latents + denoise < 1: video-to-video as the diffusers img2img pipelines (`strength`): the last
+        `int(steps * denoise)` steps run, from `init_latents` (VAE latents × 0.18215) noised with the scheduler's
+        own `add_noise` at the first of them; denoise 1 starts from pure noise (the same as text-to-video).
     """
     if prompt_embeds is None:
         raise ValueError("sample needs prompt_embeds [batch, tokens, channels], found None")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive integer, found {steps!r}")
+    if latents is None and shape is None and init_latents is not None:
+        shape = tuple(init_latents.shape)
     _check_inputs(guidance_scale, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
                   negative_prompt_attention_mask, latents, shape)
     if isinstance(scheduler, str):
@@ -218,6 +240,14 @@ def sample(
 
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
+    start = 0 if init_latents is None else denoise_start(steps, denoise)
+    if start >= steps:
+        return init_latents
+    if start:
+        if type(scheduler).__name__ == _CLASS_NAMES["PNDM"]:
+            raise ValueError(f"denoise {denoise}: PNDM runs only its whole schedule (warm-up steps first)")
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
 
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
@@ -225,7 +255,10 @@ def sample(
         latents = randn_tensor(tuple(shape), generator=generator, device=device, dtype=prompt_embeds.dtype)
     else:
         latents = latents.to(device)
-    latents = latents * scheduler.init_noise_sigma
+    if start:
+        latents = add_noise_at(scheduler, init_latents.to(latents), latents, start)
+    else:
+        latents = latents * scheduler.init_noise_sigma
     latent_channels = latents.shape[1]
 
     def predict_eps(i, t, latents):
@@ -244,7 +277,7 @@ def sample(
                              f"found shape {tuple(noise_pred.shape)}")
         return noise_pred
 
-    total = len(timesteps)
+    total = len(timesteps) - start
     with torch.no_grad():
-        return run_schedule(scheduler, latents, predict_eps, generator,
+        return run_schedule(scheduler, latents, predict_eps, generator, start=start,
                             callback=None if callback is None else lambda i, t, x: callback(i, total, t, x))

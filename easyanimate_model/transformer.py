@@ -2,6 +2,11 @@
 
 Module paths equal the release state-dict keys (spec B), so `load_state_dict(strict=True)` takes base DiT + motion
 module files unchanged. `config.motion_module=None` builds the plain 2D PixArt model (no `attn_temporal`).
+
+Host hooks: `forward_frames(transformer_options=...)` hands an opaque dict down to every block (`run_block`, which a
+host may override) and every attention call, which then becomes
+`attention(q, k, v, heads, mask=mask, transformer_options=..., name="attn1" | "attn2" | "attn_temporal")`.
+Without it the attention is called as `attention(q, k, v, heads, mask=mask)`.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
+from .ops import TorchOps, call_attention, chunked_rows, sdpa_attention
 from .prompt_schedule import FrameContexts
-from .ops import TorchOps, chunked_rows, sdpa_attention
 
 # timestep sinusoid width of PixArt's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`
 TIMESTEP_CHANNELS = 256
@@ -128,17 +133,18 @@ class CaptionProjection(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections (diffusers `Attention` key layout)."""
 
-    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None):
+    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None, name="attn1"):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
         self.attention = attention
+        self.name = name
         self.to_q = operations.Linear(dim, dim, dtype=dtype, device=device)
         self.to_k = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_v = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, dtype=dtype, device=device)])
 
-    def forward(self, x, context=None, mask=None, context_index=None):
+    def forward(self, x, context=None, mask=None, transformer_options=None, context_index=None):
         """`context_index` [N] (cross-attention only): query row n attends to context row context_index[n]; keys
         and values are projected once per distinct context and then gathered."""
         context = x if context is None else context
@@ -146,7 +152,7 @@ class Attention(nn.Module):
         if context_index is not None:
             k, v = k[context_index], v[context_index]
             mask = None if mask is None else mask[context_index]
-        out = self.attention(self.to_q(x), k, v, self.heads, mask=mask)
+        out = call_attention(self.attention, self.to_q(x), k, v, self.heads, mask, transformer_options, self.name)
         return self.to_out[0](out)
 
 
@@ -176,11 +182,12 @@ class TransformerBlock(nn.Module):
         self.attn_temporal = None if config.motion_module is None else VanillaTemporalModule(
             dim, config.motion_module, operations, attention, dtype=dtype, device=device)
         self.attn2 = Attention(dim, config.num_attention_heads, operations, attention,
-                               context_dim=config.cross_attention_dim, dtype=dtype, device=device)
+                               context_dim=config.cross_attention_dim, dtype=dtype, device=device, name="attn2")
         self.ff = GELUFeedForward(dim, operations, dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.empty(6, dim, dtype=dtype, device=device))
 
-    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True, context_index=None):
+    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True,
+                transformer_options=None, context_index=None):
         """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None.
         Per-frame prompts: context [U, L, C] (+ bias [U, 1, 1, L]) and context_index [B*F] (frame -> context row)."""
         b, _, c = x.shape
@@ -188,15 +195,17 @@ class TransformerBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t6.view(b, 6, c)).chunk(6, 1)
 
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_msa) + shift_msa
-        attn = self.attn1(n.view(b * num_frames, height * width, c)).view(b, -1, c)  # per frame
+        attn = self.attn1(n.view(b * num_frames, height * width, c),
+                          transformer_options=transformer_options).view(b, -1, c)  # per frame
         x = x + gate_msa * attn
         if temporal and self.attn_temporal is not None:
-            x = self.attn_temporal(x, num_frames, height, width)
+            x = self.attn_temporal(x, num_frames, height, width, transformer_options=transformer_options)
         if context_index is None:
-            x = x + self.attn2(x, context, context_mask)
+            x = x + self.attn2(x, context, context_mask, transformer_options=transformer_options)
         else:  # cross-attention is per query token, so each frame's tokens may see their own prompt
             frames = x.view(b * num_frames, height * width, c)
-            x = x + self.attn2(frames, context, context_mask, context_index).view(b, -1, c)
+            x = x + self.attn2(frames, context, context_mask, transformer_options=transformer_options,
+                               context_index=context_index).view(b, -1, c)
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(n)
 
@@ -253,6 +262,15 @@ class Transformer3DModel(nn.Module):
                 module.pe = sinusoidal_temporal_pe(module.pe.shape[1], module.pe.shape[2], device=device,
                                                    dtype=module.pe.dtype)
 
+    def run_block(self, index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                  transformer_options=None, context_index=None):
+        """Block `index` on tokens x [B, F*h*w, C]; the place for a host's per-block hooks (override it).
+        `context_index`: per-frame prompts (see TransformerBlock.forward)."""
+        args = (x, t6, context, mask, num_frames, height, width, temporal, transformer_options, context_index)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def check_input_size(self, num_frames: int, height: int, width: int):
         """Raise ValueError for latent sizes the model cannot run (before any compute)."""
         p = self.config.patch_size
@@ -303,7 +321,7 @@ class Transformer3DModel(nn.Module):
         return embeds, mask, index
 
     def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1,
-                       temporal=True):
+                       temporal=True, transformer_options=None):
         """x [(B*F), C, H, W] (row b*F+f) -> [(B*F), out_channels, H, W].
 
         `encoder_hidden_states`: [B, L, Ct] (one prompt per video), [B*F, L, Ct] (one per frame), or a
@@ -311,6 +329,7 @@ class Transformer3DModel(nn.Module):
 
         `timestep`: a number, [B], or [B*F] (one value per row, as ComfyUI passes it; the first frame's is used).
         `temporal=False` skips the motion module (a host can then run one set of weights with and without it).
+        `transformer_options`: an opaque dict for the host, passed to `run_block` and every attention call.
         """
         cfg = self.config
         bf, channels, height, width = x.shape
@@ -343,12 +362,9 @@ class Transformer3DModel(nn.Module):
         if context_index is not None:
             context_index = context_index.to(x.device)
 
-        for block in self.transformer_blocks:
-            args = (tokens, t6, context, mask, f, hp, wp, temporal, context_index)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, *args, use_reentrant=False)
-            else:
-                tokens = block(*args)
+        for index, block in enumerate(self.transformer_blocks):
+            tokens = self.run_block(index, block, tokens, t6, context, mask, f, hp, wp, temporal, transformer_options,
+                                    context_index=context_index)
 
         table = self.scale_shift_table.to(device=x.device, dtype=dtype)
         shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)

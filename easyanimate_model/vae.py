@@ -115,13 +115,18 @@ def map_frame_chunks(fn, frames: torch.Tensor, chunk: int, out_device=None, prog
     total = frames.shape[0]
     if total == 0:
         raise ValueError("frames: expected at least one frame, found none")
-    out = []
+    out = None
     for start in range(0, total, chunk):
-        part = fn(frames[start:start + chunk])
-        out.append(part if out_device is None else part.to(out_device))
+        rows = frames[start:start + chunk]
+        part = fn(rows)
+        if part.shape[0] != rows.shape[0]:
+            raise ValueError(f"expected one result per frame, found {part.shape[0]} for {rows.shape[0]} frames")
+        if out is None:  # filled in place: no second full-size copy from a final cat
+            out = part.new_empty((total, *part.shape[1:]), device=part.device if out_device is None else out_device)
+        out[start:start + part.shape[0]] = part
         if progress is not None:
             progress(min(start + chunk, total), total)
-    return torch.cat(out)
+    return out
 
 
 FIT_MODES = ("error", "center crop", "resize")

@@ -27,8 +27,9 @@ import comfy.conds
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.supported_models_base
-from comfy.ldm.modules import attention as comfy_attention
+from comfy.ldm.modules import attention as core_attention
 
 from ..easyanimate_model.config import TransformerConfig
 from ..easyanimate_model.prompt_schedule import PromptSchedule, batch_contexts, check_frames
@@ -51,15 +52,40 @@ WEIGHT_DTYPES = {
 }
 
 
+# the block key of patches_replace ("dit" block replace, "attn1" / "attn2" replace), as core's DiT video models
+BLOCK_KEY = "double_block"
+
+
+def comfy_attention(q, k, v, heads, mask=None, transformer_options=None, name=None):
+    """The attention the library calls: an "attn1"/"attn2" patches_replace entry for the current block (called
+    like core's: patch(q, k, v, extra_options) -> attention output before to_out), else core's optimized_attention,
+    which applies transformer_options["optimized_attention_override"] (wrap_attn)."""
+    if transformer_options is None:
+        return core_attention.optimized_attention(q, k, v, heads, mask=mask)
+    replace = transformer_options.get("patches_replace", {}).get(name, {}).get(transformer_options.get("block"))
+    if replace is not None:
+        extra = dict(transformer_options, n_heads=heads, dim_head=q.shape[-1] // heads, attention_mask=mask)
+        return replace(q, k, v, extra)
+    return core_attention.optimized_attention(q, k, v, heads, mask=mask, transformer_options=transformer_options)
+
+
 class EasyAnimateDiT(Transformer3DModel):
-    """Transformer3DModel with the diffusion_model call signature of comfy.model_base.BaseModel."""
+    """Transformer3DModel with the diffusion_model call signature of comfy.model_base.BaseModel, the DIFFUSION_MODEL
+    wrapper, "dit" block replace and attention patches, like core's video models."""
 
     def __init__(self, config: TransformerConfig, dtype=None, device=None, operations=None, **kwargs):
-        super().__init__(config, operations=operations, attention=comfy_attention.optimized_attention,
-                         dtype=dtype, device=device)
+        super().__init__(config, operations=operations, attention=comfy_attention, dtype=dtype, device=device)
         self.dtype = dtype  # BaseModel.get_dtype() reads diffusion_model.dtype
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, **kwargs):
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options)
+        ).execute(x, timesteps, context, attention_mask, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, **kwargs):
         """x [rows, 4, h, w] (rows = chunks * B * F), context [rows, L, C] (one copy per row, as ComfyUI repeats
         conds to the batch), attention_mask [rows, L] or None -> eps [rows, 4, h, w] (learned sigma dropped)."""
         rows = x.shape[0]
@@ -75,8 +101,10 @@ class EasyAnimateDiT(Transformer3DModel):
             context = context[::stride]
             if attention_mask is not None:
                 attention_mask = attention_mask[::stride]
+        # a copy: the block keys set per block must not leak into the caller's dict
+        options = dict(transformer_options, total_blocks=len(self.transformer_blocks), block_type="double")
         out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
-                                  temporal=transformer_options.get(TEMPORAL_OPTION, False))
+                                  temporal=options.get(TEMPORAL_OPTION, False), transformer_options=options)
         return out[:, :self.config.in_channels]
 
     def _scheduled_contexts(self, schedules, rows, frames, transformer_options, dtype, device):
@@ -89,6 +117,28 @@ class EasyAnimateDiT(Transformer3DModel):
             check_frames(s.schedule, total if positions is not None else frames, "EasyAnimatePromptSchedule")
         return batch_contexts([s.schedule for s in schedules], rows, frames, positions, total, dtype=dtype,
                               device=device)
+
+    def run_block(self, index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                  transformer_options=None, context_index=None):
+        if transformer_options is None:
+            return super().run_block(index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                                     context_index=context_index)
+        key = (BLOCK_KEY, index)
+        transformer_options["block"] = key
+        transformer_options["block_index"] = index
+        replace = transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
+        if replace is None:
+            return super().run_block(index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                                     transformer_options, context_index)
+
+        def original_block(args):
+            return {"img": Transformer3DModel.run_block(self, index, block, args["img"], args["vec"], args["txt"],
+                                                        mask, num_frames, height, width, temporal,
+                                                        args["transformer_options"], context_index)}
+
+        out = replace({"img": x, "txt": context, "vec": t6, "txt_mask": mask, "num_frames": num_frames,
+                       "transformer_options": transformer_options}, {"original_block": original_block})
+        return out["img"]
 
 
 def frames_per_video(rows: int, transformer_options: dict) -> int:
@@ -121,6 +171,19 @@ class EasyAnimateModelSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy
 
     def timestep(self, sigma):
         return sigma_to_timestep(sigma, self.sigmas).to(device=sigma.device, dtype=torch.float32)
+
+    @staticmethod
+    def _per_row(sigma, x):
+        # one sigma per cond chunk (see nodes_sampler.py: under 0.3.75's context windows) -> one per latent row
+        if sigma.numel() > 1 and sigma.numel() != x.shape[0] and x.shape[0] % sigma.numel() == 0:
+            return sigma.reshape(-1).repeat_interleave(x.shape[0] // sigma.numel())
+        return sigma
+
+    def calculate_input(self, sigma, noise):
+        return super().calculate_input(self._per_row(sigma, noise), noise)
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return super().calculate_denoised(self._per_row(sigma, model_output), model_output, model_input)
 
     def sigma(self, timestep):
         return timestep_to_sigma(timestep, self.sigmas).to(device=timestep.device, dtype=torch.float32)

@@ -18,7 +18,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, make_scheduler, run_schedule,
+from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, add_noise_at, denoise_start, run_schedule,
                                           schedule_sigmas, scheduler_for_sigmas)
 from .comfy_model import FRAMES_KEY
 from .model_patching import easyanimate_model, motion_module_enabled
@@ -59,11 +59,17 @@ def _sample_original(model, x, sigmas, extra_args=None, callback=None, disable=N
         return 1.0 if sigma_space else (sigma ** 2 + 1.0) ** 0.5
 
     noise = getattr(model, "noise", None)
+    latent_image = getattr(model, "latent_image", None)
     if start == 0 and noise is not None:
         latents = to_video(noise.to(x)) * sched.init_noise_sigma
+    elif noise is not None and latent_image is not None:  # partial denoise: the img2img start point
+        latents = add_noise_at(sched, to_video(latent_image.to(x)), to_video(noise.to(x)), start)
     else:
         latents = to_video(x) / model_scale(sigmas[0])
-    s_in = x.new_ones([x.shape[0]])
+    # core samplers pass one sigma per latent row; ComfyUI 0.3.75's context windows compare that tensor with the
+    # schedule elementwise (IndexListContextHandler.set_step) and need a single value (the model sampling of
+    # comfy_model.py spreads it over the rows again)
+    s_in = x.new_ones([1 if "context_handler" in extra_args.get("model_options", {}) else x.shape[0]])
     seed = extra_args.get("seed")
     generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
 
@@ -105,8 +111,9 @@ class EasyAnimateSamplerSelect:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"sampler": (list(SCHEDULERS), {"default": "DPM++", "tooltip":
-                                         "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
+        return {"required": {"sampler": (list(SCHEDULERS), {
+            "default": "DPM++",
+            "tooltip": "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."})}}
 
     def select(self, sampler):
         return (easyanimate_sampler(sampler),)
@@ -148,8 +155,9 @@ class EasyAnimateSampler:
             "model": ("MODEL", {"tooltip": "The EasyAnimate MODEL (with motion module for video)."}),
             "positive": ("CONDITIONING", {"tooltip": "Prompt conditioning from EasyAnimateTextEncode."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt conditioning (used when cfg > 1)."}),
-            "latent": ("LATENT", {"tooltip": "EasyAnimateEmptyLatent: sets size, frames and batch (its values are "
-                                             "not used: text-to-video starts from noise)."}),
+            "latent": ("LATENT", {"tooltip": "EasyAnimateEmptyLatent (text-to-video: only its size, frames and batch "
+                                             "are used) or an encoded video (EasyAnimate VAE Encode (video)) for "
+                                             "video-to-video with denoise < 1."}),
             "seed": ("INT", {"default": 43, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Noise seed (CPU generator: the same seed gives the same video)."}),
             "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
@@ -157,9 +165,14 @@ class EasyAnimateSampler:
                               "tooltip": "Classifier-free guidance scale; <= 1 disables guidance."}),
             "sampler": (list(SCHEDULERS), {"default": "DPM++", "tooltip":
                         "The original scheduler (DPM++ for landscapes, Euler A / Euler for portraits)."}),
+        }, "optional": {  # appended after release: optional, so API prompts without it keep working
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "Video-to-video strength (diffusers img2img): the last int(steps x denoise) steps run on the "
+                        "input latent noised to that step. 1: text-to-video (the input is not used); 0: the input "
+                        "comes back. PNDM runs only at 1."}),
         }}
 
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, denoise=1.0):
         inner = easyanimate_model(model, NODE)
         dit = inner.diffusion_model
         samples = latent["samples"]
@@ -175,6 +188,16 @@ class EasyAnimateSampler:
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from None
         sigmas = original_sigmas(sampler, steps, NODE)
+        try:
+            start = denoise_start(steps, denoise)
+        except ValueError as e:
+            raise ValueError(f"{NODE}: {e}") from None
+        if start and sampler == "PNDM":
+            raise ValueError(f"{NODE}: PNDM runs only its whole schedule (its warm-up steps come first): use "
+                             f"denoise 1 or another sampler for video-to-video, found denoise {denoise}")
+        if start >= steps:  # nothing to denoise: the input latents come back (as core KSampler at denoise 0)
+            return ({**latent, FRAMES_KEY: frames},)
+        sigmas = sigmas[start:]
         if not positive:
             raise ValueError(f"{NODE}: the positive conditioning is empty (connect EasyAnimateTextEncode's "
                              f"positive output)")

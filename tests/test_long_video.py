@@ -207,3 +207,117 @@ def test_easyanimate_sampler_with_context_windows(comfy):
     g["9"]["inputs"].update(context(4, 4))
     with pytest.raises(Exception, match="context_overlap 4 must be smaller than context_length 4"):
         comfy.queue(g)
+
+
+# ---- video-to-video: denoise -------------------------------------------------------------------------------------
+SCHEDULERS = ["Euler", "Euler A", "DPM++", "PNDM", "DDIM"]
+
+
+def steps_for(sampler):
+    return 4 if sampler == "PNDM" else 2
+
+
+def test_library_denoise_endpoints():
+    import easyanimate_model as ea
+
+    calls = []
+
+    def model(x, t, e, m):
+        calls.append(float(t[0]))
+        return torch.zeros(x.shape[0], 8, *x.shape[2:])
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 3, 2, 2, generator=g), torch.randn(1, 4, 3, 2, 2, generator=g)
+    embeds = torch.zeros(1, 2, 8)
+    kw = dict(steps=10, guidance_scale=1.0, prompt_embeds=embeds, latents=noise, init_latents=x0)
+    assert ea.sample(model, "DDIM", denoise=0.0, **kw) is x0 and calls == []
+    ea.sample(model, "DDIM", denoise=0.35, **kw)
+    scheduler = ea.make_scheduler("DDIM")
+    scheduler.set_timesteps(10)
+    assert calls == [float(t) for t in scheduler.timesteps[-3:]]  # int(10 * 0.35) = 3 steps, as diffusers img2img
+    for name in ("Euler", "DPM++", "DDIM"):
+        full = ea.sample(model, name, denoise=1.0, **kw)
+        t2v = ea.sample(model, name, **{**kw, "init_latents": None})
+        assert torch.equal(full, t2v), name
+    with pytest.raises(ValueError, match="PNDM runs only its whole schedule"):
+        ea.sample(model, "PNDM", denoise=0.5, **kw)
+
+
+def v2v_graph(seed, denoise_nodes):
+    """t2v sampler "5" -> decoded frames "20" -> encoded "21"; extra sampler nodes on the encoded or empty latent."""
+    g = decoded_frames(graph(seed=seed, steps=2))
+    g["21"] = encode_node(["20", 0], chunk=4)
+    for node, (sampler, denoise, source) in denoise_nodes.items():
+        g[node] = {"class_type": "EasyAnimateSampler",
+                   "inputs": {**g["5"]["inputs"], "latent": source, "seed": seed + 1, "sampler": sampler,
+                              "steps": steps_for(sampler), "denoise": denoise}}
+        g[node + "s"] = save_latent([node, 0], f"long/{node}")
+    return g
+
+
+def test_denoise_one_from_a_video_equals_text_to_video(comfy):
+    seed = random.randint(0, 2**31)
+    nodes = {}
+    for i, sampler in enumerate(SCHEDULERS):
+        nodes[f"3{i}"] = (sampler, 1.0, ["21", 0])
+        nodes[f"4{i}"] = (sampler, 1.0, ["4", 0])
+    result = run_ok(comfy, v2v_graph(seed, nodes))
+    for i, sampler in enumerate(SCHEDULERS):
+        assert torch.equal(saved_latent(comfy, result, f"3{i}s"), saved_latent(comfy, result, f"4{i}s")), sampler
+
+
+def test_denoise_zero_returns_the_input_and_partial_denoise_stays_close(comfy):
+    seed = random.randint(0, 2**31)
+    nodes = {"30": ("DPM++", 0.0, ["21", 0]), "31": ("Euler", 0.2, ["21", 0])}
+    g = v2v_graph(seed, nodes)
+    g["22"] = save_latent(["21", 0], "long/encoded")
+    g["32"] = {"class_type": "KSampler",
+               "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 1], "latent_image": ["21", 0],
+                          "seed": seed, "steps": 2, "cfg": 6.0, "sampler_name": "euler", "scheduler": "normal",
+                          "denoise": 0.0}}
+    g["32s"] = save_latent(["32", 0], "long/ksampler0")
+    result = run_ok(comfy, g)
+    encoded = saved_latent(comfy, result, "22")
+    assert torch.equal(saved_latent(comfy, result, "30s"), encoded)
+    assert torch.equal(saved_latent(comfy, result, "32s"), encoded)
+    g["31"]["inputs"]["steps"] = 10  # int(10 * 0.2) = 2 steps from sigma ~0.5: the input shows through
+    partial = saved_latent(comfy, run_ok(comfy, g), "31s")
+    full = saved_latent(comfy, run_ok(comfy, {**g, "31": {**g["31"], "inputs": {**g["31"]["inputs"], "denoise": 1.0}}}), "31s")
+    assert (partial - encoded).abs().mean() < (full - encoded).abs().mean()
+
+
+@pytest.mark.parametrize("sampler", ["Euler A", "DPM++", "DDIM"])
+def test_partial_denoise_matches_library(comfy, sampler):
+    """EasyAnimateSampler at denoise 0.5 = ea.sample(init_latents=..., denoise=0.5) (diffusers img2img rule)."""
+    import easyanimate_model as ea
+    from test_nodes_pipeline import MM, PIPELINE
+
+    seed, steps, cfg = random.randint(0, 2**31), 4, 6.0
+    g = v2v_graph(seed, {"30": (sampler, 0.5, ["21", 0])})
+    g["30"]["inputs"]["steps"] = steps
+    g["1"]["inputs"]["weight_dtype"] = "fp32"
+    g["22"] = save_latent(["21", 0], "long/encoded")
+    g["3"]["inputs"]["prompt"] = "A Red Panda, walking"
+    result = run_ok(comfy, g)
+    node, encoded = saved_latent(comfy, result, "30s"), saved_latent(comfy, result, "22")
+
+    pipeline = comfy.models_dir / "diffusers" / PIPELINE
+    model = ea.load_transformer(pipeline, motion_module=comfy.models_dir / "easyanimate" / MM)
+    tokenizer, encoder = ea.load_text_encoder(pipeline, dtype=torch.float16)
+    encoder = encoder.float()
+    pos, pos_mask = ea.encode_prompt(tokenizer, encoder, "A Red Panda, walking")
+    neg, neg_mask = ea.encode_prompt(tokenizer, encoder, "blurry")
+
+    def video(rows):
+        return rows.view(1, FRAMES, 4, SIZE // 8, SIZE // 8).transpose(1, 2)
+
+    noise = video(torch.randn(node.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    with torch.no_grad():
+        lib = ea.sample(lambda x, t, e, m: model(x, t, e, m), scheduler=sampler, steps=steps, guidance_scale=cfg,
+                        prompt_embeds=pos.float(), prompt_attention_mask=pos_mask, negative_prompt_embeds=neg.float(),
+                        negative_prompt_attention_mask=neg_mask, latents=noise,
+                        generator=torch.Generator().manual_seed(seed + 1),
+                        init_latents=video(encoded * 0.18215), denoise=0.5)
+    lib = lib.transpose(1, 2).reshape(node.shape) / 0.18215
+    relative = ((node - lib).abs().max() / lib.abs().max()).item()
+    assert relative < 5e-3, relative
