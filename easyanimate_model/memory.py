@@ -79,13 +79,14 @@ def transformer_bytes(config: TransformerConfig, videos: int, frames: int, heigh
 
 
 def sampling_bytes(config: TransformerConfig, videos: int, frames: int, height: int, width: int, dtype=4,
-                   attention: str = "flash", temporal: bool = True) -> int:
-    """A whole sampling run at height x width LATENT: the sampler's latents plus the transformer's activations.
+                   attention: str = "flash", temporal: bool = True, window: int | None = None) -> int:
+    """A whole sampling run at height x width LATENT: the sampler's latents plus the transformer's activations
+    (of `window` frames per call under context windows, else of all frames).
 
     Cond and uncond are counted as separate forwards (hosts run them one after the other when both do not fit).
     """
     state = SAMPLER_LATENT_COPIES * videos * frames * config.in_channels * height * width * 4
-    return state + transformer_bytes(config, videos, frames, height, width, dtype, attention, temporal)
+    return state + transformer_bytes(config, videos, window or frames, height, width, dtype, attention, temporal)
 
 
 def vae_decode_bytes(frames: int, height: int, width: int, block_out_channels=(128, 256, 512, 512), dtype=4) -> int:

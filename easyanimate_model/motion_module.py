@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MotionModuleConfig
-from .ops import TorchOps, chunked_rows, sdpa_attention
+from .ops import TorchOps, call_attention, chunked_rows, sdpa_attention
 
 
 def sinusoidal_temporal_pe(max_len: int, dim: int, device=None, dtype=None) -> torch.Tensor:
@@ -46,11 +46,12 @@ class TemporalSelfAttention(nn.Module):
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, dtype=dtype, device=device)])
         self.pos_encoder = PositionalEncoding(dim, max_len, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, num_frames: int, window: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, window: int, transformer_options=None) -> torch.Tensor:
         # x: [S, F*window, C] in grid order (frame-major, then the window position) -> token f*window+j gets pe[f]
         pe = self.pos_encoder.pe[:, :num_frames].to(device=x.device, dtype=x.dtype)
         x = x + pe.repeat_interleave(window, dim=1)
-        out = self.attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads)
+        out = call_attention(self.attention, self.to_q(x), self.to_k(x), self.to_v(x), self.heads, None,
+                             transformer_options, "attn_temporal")
         return self.to_out[0](out)
 
 
@@ -96,9 +97,9 @@ class MotionTransformerBlock(nn.Module):
         self.ff = GEGLUFeedForward(dim, operations, dtype=dtype, device=device)
         self.ff_norm = operations.LayerNorm(dim, dtype=dtype, device=device)
 
-    def forward(self, x, num_frames, window):
+    def forward(self, x, num_frames, window, transformer_options=None):
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x), num_frames, window)
+            x = x + attn(norm(x), num_frames, window, transformer_options)
         return x + self.ff(self.ff_norm(x))
 
 
@@ -118,7 +119,8 @@ class TemporalTransformer3DModel(nn.Module):
             nn.init.zeros_(self.proj_out.weight)
             nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int,
+                transformer_options=None) -> torch.Tensor:
         """x: [B, F*h*w, C] tokens (frame-major, row-major within a frame) -> same shape, residual included."""
         b, _, c = x.shape
         f, s = num_frames, self.block_size
@@ -128,7 +130,7 @@ class TemporalTransformer3DModel(nn.Module):
         z = z.reshape(b, f, c, hs, s, ws, s).permute(0, 3, 5, 1, 4, 6, 2).reshape(b * hs * ws, f * s * s, c)
         z = self.proj_in(z)
         for block in self.transformer_blocks:
-            z = block(z, f, s * s)
+            z = block(z, f, s * s, transformer_options)
         z = self.proj_out(z)
         z = z.view(b, hs, ws, f, s, s, c).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, f * height * width, c)
         return x + z
@@ -142,5 +144,6 @@ class VanillaTemporalModule(nn.Module):
         self.temporal_transformer = TemporalTransformer3DModel(
             dim, cfg, operations or TorchOps, attention or sdpa_attention, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int) -> torch.Tensor:
-        return self.temporal_transformer(x, num_frames, height, width)
+    def forward(self, x: torch.Tensor, num_frames: int, height: int, width: int,
+                transformer_options=None) -> torch.Tensor:
+        return self.temporal_transformer(x, num_frames, height, width, transformer_options)

@@ -35,6 +35,14 @@ def sdpa_attention(q, k, v, heads, mask=None, **kwargs):
     return out.transpose(1, 2).reshape(b, nq, inner)
 
 
+def call_attention(attention, q, k, v, heads, mask, transformer_options, name):
+    """attention(q, k, v, heads, mask=mask), with the host's transformer_options and the call site's name
+    ("attn1", "attn2", "attn_temporal") as keywords when the host passed transformer_options."""
+    if transformer_options is None:
+        return attention(q, k, v, heads, mask=mask)
+    return attention(q, k, v, heads, mask=mask, transformer_options=transformer_options, name=name)
+
+
 def chunked_rows(fn, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """fn(x) for a row-wise fn, evaluated over at most `rows` (default FF_CHUNK_TOKENS) rows at a time.
 

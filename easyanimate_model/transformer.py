@@ -3,6 +3,11 @@
 
 Module paths equal the release state-dict keys (docs/MODEL.md §B), so `load_state_dict(strict=True)` takes base DiT +
 motion module files unchanged. `config.motion_module=None` builds the plain 2D PixArt model (no `attn_temporal`).
+
+Host hooks: `forward_frames(transformer_options=...)` hands an opaque dict down to every block (`run_block`, which a
+host may override) and every attention call, which then becomes
+`attention(q, k, v, heads, mask=mask, transformer_options=..., name="attn1" | "attn2" | "attn_temporal")`.
+Without it the attention is called as `attention(q, k, v, heads, mask=mask)`.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import VAE_SCALE, TransformerConfig
 from .motion_module import VanillaTemporalModule, sinusoidal_temporal_pe
-from .ops import TorchOps, chunked_rows, sdpa_attention
+from .ops import TorchOps, call_attention, chunked_rows, sdpa_attention
+from .prompt_schedule import FrameContexts
 
 # timestep sinusoid width of PixArt's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`
 TIMESTEP_CHANNELS = 256
@@ -79,6 +85,12 @@ class PatchEmbed(nn.Module):
         return (tokens + self.position_table(h, w, tokens.device)).to(tokens.dtype)
 
 
+def mask_bias(keep: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias of a token mask: log(keep) clamped at -10000, i.e. exactly the original's
+    (1 - keep) * -10000 for 0/1 masks, and a soft weight for the blended masks of prompt schedules."""
+    return keep.log().clamp(min=-10000.0)
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim, dim, operations, dtype=None, device=None):
         super().__init__()
@@ -122,19 +134,26 @@ class CaptionProjection(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with biased q/k/v/out projections (diffusers `Attention` key layout)."""
 
-    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None):
+    def __init__(self, dim, heads, operations, attention, context_dim=None, dtype=None, device=None, name="attn1"):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
         self.attention = attention
+        self.name = name
         self.to_q = operations.Linear(dim, dim, dtype=dtype, device=device)
         self.to_k = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_v = operations.Linear(context_dim, dim, dtype=dtype, device=device)
         self.to_out = nn.ModuleList([operations.Linear(dim, dim, dtype=dtype, device=device)])
 
-    def forward(self, x, context=None, mask=None):
+    def forward(self, x, context=None, mask=None, transformer_options=None, context_index=None):
+        """`context_index` [N] (cross-attention only): query row n attends to context row context_index[n]; keys
+        and values are projected once per distinct context and then gathered."""
         context = x if context is None else context
-        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask)
+        k, v = self.to_k(context), self.to_v(context)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]
+            mask = None if mask is None else mask[context_index]
+        out = call_attention(self.attention, self.to_q(x), k, v, self.heads, mask, transformer_options, self.name)
         return self.to_out[0](out)
 
 
@@ -164,22 +183,30 @@ class TransformerBlock(nn.Module):
         self.attn_temporal = None if config.motion_module is None else VanillaTemporalModule(
             dim, config.motion_module, operations, attention, dtype=dtype, device=device)
         self.attn2 = Attention(dim, config.num_attention_heads, operations, attention,
-                               context_dim=config.cross_attention_dim, dtype=dtype, device=device)
+                               context_dim=config.cross_attention_dim, dtype=dtype, device=device, name="attn2")
         self.ff = GELUFeedForward(dim, operations, dtype=dtype, device=device)
         self.scale_shift_table = nn.Parameter(torch.empty(6, dim, dtype=dtype, device=device))
 
-    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True):
-        """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None."""
+    def forward(self, x, t6, context, context_mask, num_frames, height, width, temporal=True,
+                transformer_options=None, context_index=None):
+        """x [B, F*h*w, C]; t6 [B, 6C]; context [B, L, C]; context_mask bias [B, 1, 1, L] or None.
+        Per-frame prompts: context [U, L, C] (+ bias [U, 1, 1, L]) and context_index [B*F] (frame -> context row)."""
         b, _, c = x.shape
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + t6.view(b, 6, c)).chunk(6, 1)
 
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_msa) + shift_msa
-        attn = self.attn1(n.view(b * num_frames, height * width, c)).view(b, -1, c)  # per frame
+        attn = self.attn1(n.view(b * num_frames, height * width, c),
+                          transformer_options=transformer_options).view(b, -1, c)  # per frame
         x = x + gate_msa * attn
         if temporal and self.attn_temporal is not None:
-            x = self.attn_temporal(x, num_frames, height, width)
-        x = x + self.attn2(x, context, context_mask)
+            x = self.attn_temporal(x, num_frames, height, width, transformer_options=transformer_options)
+        if context_index is None:
+            x = x + self.attn2(x, context, context_mask, transformer_options=transformer_options)
+        else:  # cross-attention is per query token, so each frame's tokens may see their own prompt
+            frames = x.view(b * num_frames, height * width, c)
+            x = x + self.attn2(frames, context, context_mask, transformer_options=transformer_options,
+                               context_index=context_index).view(b, -1, c)
         n = F.layer_norm(x, (c,), eps=self.eps) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * self.ff(n)
 
@@ -236,6 +263,15 @@ class Transformer3DModel(nn.Module):
                 module.pe = sinusoidal_temporal_pe(module.pe.shape[1], module.pe.shape[2], device=device,
                                                    dtype=module.pe.dtype)
 
+    def run_block(self, index, block, x, t6, context, mask, num_frames, height, width, temporal,
+                  transformer_options=None, context_index=None):
+        """Block `index` on tokens x [B, F*h*w, C]; the place for a host's per-block hooks (override it).
+        `context_index`: per-frame prompts (see TransformerBlock.forward)."""
+        args = (x, t6, context, mask, num_frames, height, width, temporal, transformer_options, context_index)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def check_input_size(self, num_frames: int, height: int, width: int):
         """Raise ValueError for latent sizes the model cannot run (before any compute)."""
         unit = self.config.latent_multiple()
@@ -256,12 +292,41 @@ class Transformer3DModel(nn.Module):
         out = self.forward_frames(frames, timestep, encoder_hidden_states, encoder_attention_mask, num_frames=f)
         return out.view(b, f, -1, h, w).transpose(1, 2)
 
+    def _text_contexts(self, embeds, mask, b: int, f: int):
+        """-> (embeds [B, L, Ct] or distinct contexts [U, L, Ct], mask, frame index [B*F] or None), checked."""
+        channels = self.config.caption_channels
+        index = None
+        if isinstance(embeds, FrameContexts):
+            if mask is not None:
+                raise ValueError("encoder_attention_mask must be None with FrameContexts (they carry their masks)")
+            if embeds.index.shape != (b * f,):
+                raise ValueError(f"FrameContexts index must have one entry per frame row ({b * f}); got shape "
+                                 f"{tuple(embeds.index.shape)}")
+            if embeds.uniform_per_video(f):  # e.g. a one-keyframe schedule: exactly the single-prompt path
+                embeds, mask = embeds.per_video(f)
+            else:
+                embeds, mask, index = embeds.embeds, embeds.mask, embeds.index
+        elif embeds.ndim == 3 and embeds.shape[0] == b * f and f > 1:  # one prompt per frame
+            index = torch.arange(b * f, device=embeds.device)
+        elif embeds.ndim != 3 or embeds.shape[0] != b:
+            raise ValueError(f"encoder_hidden_states must be [B={b}, L, {channels}] or, one per frame, "
+                             f"[B*F={b * f}, L, {channels}]; got shape {tuple(embeds.shape)}")
+        if embeds.ndim != 3 or embeds.shape[2] != channels:
+            raise ValueError(f"encoder_hidden_states must have {channels} channels; got shape {tuple(embeds.shape)}")
+        if mask is not None and mask.numel() != embeds.shape[0] * embeds.shape[1]:
+            raise ValueError(f"encoder_attention_mask must be {tuple(embeds.shape[:2])}; got {tuple(mask.shape)}")
+        return embeds, mask, index
+
     def forward_frames(self, x, timestep, encoder_hidden_states, encoder_attention_mask=None, num_frames=1,
-                       temporal=True):
+                       temporal=True, transformer_options=None):
         """x [(B*F), C, H, W] (row b*F+f) -> [(B*F), out_channels, H, W].
+
+        `encoder_hidden_states`: [B, L, Ct] (one prompt per video), [B*F, L, Ct] (one per frame), or a
+        `prompt_schedule.FrameContexts` (distinct contexts + a frame index, no per-frame copies).
 
         `timestep`: a number, [B], or [B*F] (one value per row, as ComfyUI passes it; the first frame's is used).
         `temporal=False` skips the motion module (a host can then run one set of weights with and without it).
+        `transformer_options`: an opaque dict for the host, passed to `run_block` and every attention call.
         """
         cfg = self.config
         bf, channels, height, width = x.shape
@@ -272,10 +337,8 @@ class Transformer3DModel(nn.Module):
             raise ValueError(f"latents must have {cfg.in_channels} channels; got {channels}")
         b = bf // f
         self.check_input_size(f, height, width)
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b \
-                or encoder_hidden_states.shape[2] != cfg.caption_channels:
-            raise ValueError(f"encoder_hidden_states must be [B={b}, L, {cfg.caption_channels}]; "
-                             f"got shape {tuple(encoder_hidden_states.shape)}")
+        encoder_hidden_states, encoder_attention_mask, context_index = self._text_contexts(
+            encoder_hidden_states, encoder_attention_mask, b, f)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1)
         if timestep.numel() == bf and f > 1:
             timestep = timestep[::f]
@@ -291,15 +354,14 @@ class Transformer3DModel(nn.Module):
         context = self.caption_projection(encoder_hidden_states.to(dtype))
         mask = None
         if encoder_attention_mask is not None:
-            keep = encoder_attention_mask.to(device=x.device, dtype=dtype).reshape(b, 1, 1, -1)
-            mask = (1 - keep) * -10000.0
+            keep = encoder_attention_mask.to(device=x.device, dtype=dtype).reshape(context.shape[0], 1, 1, -1)
+            mask = mask_bias(keep)
+        if context_index is not None:
+            context_index = context_index.to(x.device)
 
-        for block in self.transformer_blocks:
-            args = (tokens, t6, context, mask, f, hp, wp, temporal)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, *args, use_reentrant=False)
-            else:
-                tokens = block(*args)
+        for index, block in enumerate(self.transformer_blocks):
+            tokens = self.run_block(index, block, tokens, t6, context, mask, f, hp, wp, temporal, transformer_options,
+                                    context_index=context_index)
 
         table = self.scale_shift_table.to(device=x.device, dtype=dtype)
         shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)

@@ -137,6 +137,63 @@ def _vae_from_single_file(path: Path):
     return _build_vae(config, sd, path)
 
 
+def map_frame_chunks(fn, frames: torch.Tensor, chunk: int, out_device=None, progress=None) -> torch.Tensor:
+    """`fn` applied to `chunk` rows of `frames` at a time, the results concatenated (on `out_device` if given).
+
+    Each chunk's result leaves the compute device before the next chunk runs, so the peak working memory is that of
+    one chunk whatever the frame count (only the collected output grows). `progress(done, total)` after each chunk.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
+    total = frames.shape[0]
+    if total == 0:
+        raise ValueError("frames: expected at least one frame, found none")
+    out = None
+    for start in range(0, total, chunk):
+        rows = frames[start:start + chunk]
+        part = fn(rows)
+        if part.shape[0] != rows.shape[0]:
+            raise ValueError(f"expected one result per frame, found {part.shape[0]} for {rows.shape[0]} frames")
+        if out is None:  # filled in place: no second full-size copy from a final cat
+            out = part.new_empty((total, *part.shape[1:]), device=part.device if out_device is None else out_device)
+        out[start:start + part.shape[0]] = part
+        if progress is not None:
+            progress(min(start + chunk, total), total)
+    return out
+
+
+FIT_MODES = ("error", "center crop", "resize")
+
+
+def fit_frames(images: torch.Tensor, multiple: int, mode: str = "error") -> torch.Tensor:
+    """Frames [N, H, W, C] (ComfyUI IMAGE layout) brought to a height and width that are multiples of `multiple`.
+
+    "error" raises a ValueError naming the size and the nearest valid one; "center crop" cuts the borders down to
+    the multiple below; "resize" scales (bilinear, antialiased) to the nearest multiple (at least one `multiple`).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected frames [N, H, W, C], found shape {tuple(images.shape)}")
+    if mode not in FIT_MODES:
+        raise ValueError(f"size mode: expected one of {FIT_MODES}, found {mode!r}")
+    h, w = images.shape[1:3]
+    if h % multiple == 0 and w % multiple == 0:
+        return images
+    if mode == "error":
+        near = [max(multiple, round(v / multiple) * multiple) for v in (w, h)]
+        raise ValueError(f"frames are {w}x{h} (width x height); EasyAnimate needs multiples of {multiple} pixels: "
+                         f"resize to e.g. {near[0]}x{near[1]} or choose 'center crop' / 'resize'")
+    if mode == "center crop":
+        th, tw = h // multiple * multiple, w // multiple * multiple
+        if th == 0 or tw == 0:
+            raise ValueError(f"frames are {w}x{h}: smaller than {multiple} pixels, nothing left after cropping")
+        top, left = (h - th) // 2, (w - tw) // 2
+        return images[:, top:top + th, left:left + tw]
+    th, tw = (max(multiple, round(v / multiple) * multiple) for v in (h, w))
+    resized = torch.nn.functional.interpolate(images.movedim(-1, 1).float(), size=(th, tw), mode="bilinear",
+                                              align_corners=False, antialias=True)
+    return resized.movedim(1, -1).clamp(0, 1).to(images.dtype)
+
+
 def _vae_dtype(vae) -> torch.dtype:
     return next(vae.parameters()).dtype
 
@@ -154,8 +211,6 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 1, tiled: bool = Fal
     """
     if latents.ndim != 5:
         raise ValueError(f"latents: expected [B, C, F, h, w], found shape {tuple(latents.shape)}")
-    if chunk < 1:
-        raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
     b, c, f, h, w = latents.shape
     # multiply by the reciprocal and map to 0..1 in the VAE's dtype: the original's exact op order (bit-exact parity)
     frames = (latents * (1 / SCALING_FACTOR)).transpose(1, 2).reshape(b * f, c, h, w)
@@ -163,11 +218,9 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 1, tiled: bool = Fal
     was_tiled = vae.use_tiling
     vae.enable_tiling() if tiled else vae.disable_tiling()
     try:
-        decoded = [(vae.decode(frames[i:i + chunk]).sample / 2 + 0.5).clamp(0, 1).cpu().float()
-                   for i in range(0, b * f, chunk)]
+        video = map_frame_chunks(lambda x: (vae.decode(x).sample / 2 + 0.5).clamp(0, 1).cpu().float(), frames, chunk)
     finally:
         vae.enable_tiling() if was_tiled else vae.disable_tiling()
-    video = torch.cat(decoded)
     return video.view(b, f, *video.shape[1:]).transpose(1, 2)
 
 

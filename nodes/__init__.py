@@ -11,7 +11,9 @@ register_folders()
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
-_MODULES = ["nodes_loaders", "nodes_lora", "nodes_text", "nodes_latent", "nodes_sampler", "nodes_vae", "nodes_video"]
+_MODULES = ["nodes_loaders", "nodes_lora", "nodes_text", "nodes_schedule", "nodes_latent", "nodes_sampler",
+            "nodes_context", "nodes_vae",
+            "nodes_video"]
 
 
 def input_error(name, value, spec):

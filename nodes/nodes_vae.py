@@ -1,17 +1,25 @@
-"""VAE: the pipeline folder's vae/ as a native comfy.sd.VAE, and the chunked video decode node."""
+"""VAE: the pipeline folder's vae/ as a native comfy.sd.VAE, and the chunked video decode and encode nodes."""
 from __future__ import annotations
 
 import re
-
-import torch
 
 import comfy.sd
 import comfy.utils
 import comfy.model_management
 
+from ..easyanimate_model.config import SIZE_MULTIPLE
 from ..easyanimate_model.errors import EasyAnimateLoadError
-from ..easyanimate_model.vae import read_vae_folder
+from ..easyanimate_model.vae import FIT_MODES, fit_frames, map_frame_chunks, read_vae_folder
 from . import resources
+from .comfy_model import FRAMES_KEY
+
+
+def _progress(pbar):
+    """map_frame_chunks progress callback: ComfyUI's progress bar, and Cancel honoured between chunks."""
+    def update(done, total):
+        pbar.update_absolute(done, total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return update
 
 
 def _autoencoder_params(cfg: dict, source: str) -> dict:
@@ -85,15 +93,52 @@ class EasyAnimateVAEDecode:
         resources.check_vae_decode(vae, latents.shape[0], latents.shape[-2], latents.shape[-1], frames_per_chunk,
                                    tiled, "EasyAnimateVAEDecode")
         pbar = comfy.utils.ProgressBar(latents.shape[0])
-        chunks = []
-        for start in range(0, latents.shape[0], frames_per_chunk):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            chunk = latents[start:start + frames_per_chunk]
-            chunks.append(vae.decode_tiled(chunk) if tiled else vae.decode(chunk))
-            pbar.update_absolute(start + chunk.shape[0], latents.shape[0])
-        images = torch.cat(chunks)
+        images = map_frame_chunks(vae.decode_tiled if tiled else vae.decode, latents, frames_per_chunk,
+                                  out_device=comfy.model_management.intermediate_device(),
+                                  progress=_progress(pbar))
         return (images.reshape(-1, *images.shape[-3:]),)
 
 
-NODE_CLASS_MAPPINGS = {"EasyAnimateVAEDecode": EasyAnimateVAEDecode}
-NODE_DISPLAY_NAME_MAPPINGS = {"EasyAnimateVAEDecode": "EasyAnimate VAE Decode (video)"}
+class EasyAnimateVAEEncodeVideo:
+    DESCRIPTION = ("Encodes video frames (any IMAGE batch, e.g. core Load Video + Get Video Components) to a "
+                   "frames-in-batch video latent for video-to-video, a chunk of frames at a time. Width and height "
+                   "must be multiples of 32, or choose 'center crop' / 'resize'.")
+    CATEGORY = "EasyAnimate/video"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Video latents [frames, 4, H/8, W/8] with the frame count attached (one video).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VAE", {"tooltip": "The VAE (from EasyAnimateLoadPipeline or a core VAE loader)."}),
+            "images": ("IMAGE", {"tooltip": "The frames of one video, in order (the IMAGE batch is the frame axis)."}),
+            "frames_per_chunk": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip":
+                                         "Frames encoded at once; memory does not grow with the video length."}),
+            "size": (list(FIT_MODES), {"default": "error", "tooltip":
+                     "When width or height is not a multiple of 32: stop with an error, cut the borders (center "
+                     "crop) or resize to the nearest multiple."}),
+        }}
+
+    def encode(self, vae, images, frames_per_chunk, size):
+        if images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise ValueError(f"EasyAnimateVAEEncodeVideo: images: expected frames [N, H, W, 3], found shape "
+                             f"{tuple(images.shape)}")
+        try:
+            images = fit_frames(images[..., :3], SIZE_MULTIPLE, size)
+        except ValueError as e:
+            raise ValueError(f"EasyAnimateVAEEncodeVideo: images: {e}") from None
+        resources.check_vae_encode(vae, images.shape[0], images.shape[1], images.shape[2], frames_per_chunk,
+                                   "EasyAnimateVAEEncodeVideo")
+        pbar = comfy.utils.ProgressBar(images.shape[0])
+        latents = map_frame_chunks(vae.encode, images, frames_per_chunk,
+                                   out_device=comfy.model_management.intermediate_device(),
+                                   progress=_progress(pbar))
+        return ({"samples": latents, FRAMES_KEY: images.shape[0]},)
+
+
+NODE_CLASS_MAPPINGS = {"EasyAnimateVAEDecode": EasyAnimateVAEDecode,
+                       "EasyAnimateVAEEncodeVideo": EasyAnimateVAEEncodeVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"EasyAnimateVAEDecode": "EasyAnimate VAE Decode (video)",
+                              "EasyAnimateVAEEncodeVideo": "EasyAnimate VAE Encode (video)"}

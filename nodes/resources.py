@@ -16,6 +16,7 @@ import comfy.model_management as mm
 from comfy.ldm.modules import attention as comfy_attention
 
 from ..easyanimate_model import memory
+from .keys import FRAMES_KEY, SCHEDULE_KEY, TEMPORAL_OPTION
 
 # ComfyUI's attention functions by how they hold the score matrix (memory.ATTENTION_BACKENDS)
 _CHUNKED = ("attention_sub_quad", "attention_split")
@@ -87,20 +88,32 @@ def check_latent(batch: int, frames: int, height: int, width: int, node: str):
                       f"fewer frames (at most ~{fit} at this size) or a smaller size", node)
 
 
-def check_sampling(model, batch: int, frames: int, height: int, width: int, node: str):
-    """Sampling `batch` videos of `frames` frames at height x width LATENT with the MODEL (a ModelPatcher)."""
+def check_sampling(model, batch: int, frames: int, height: int, width: int, node: str, conds=None):
+    """Sampling `batch` videos of `frames` frames at height x width LATENT with the MODEL (a ModelPatcher): the
+    latents of all frames, the activations of one model call (a context window's frames when the MODEL has context
+    options) and the per-call contexts of prompt schedules in `conds` (core's {name: [cond dict]})."""
     inner = model.model
     dit = inner.diffusion_model
     dtype = inner.manual_cast_dtype or inner.get_dtype()
     backend = attention_backend(dit.transformer_blocks[0].attn1.attention if len(dit.transformer_blocks) else None)
-    temporal = bool(model.model_options.get("transformer_options", {}).get("easyanimate_motion_module", False))
-    needed = memory.sampling_bytes(dit.config, batch, frames, height, width, dtype, backend, temporal)
-    fit = frames * available_bytes(model.load_device) // max(1, needed)
-    advice = f"fewer frames (~{fit} fit at this size)" if fit >= 1 else "a smaller size"
+    options = model.model_options
+    temporal = bool(options.get("transformer_options", {}).get(TEMPORAL_OPTION, False))
+    window = getattr(options.get("context_handler"), "context_length", None)
+    window = min(frames, window) if isinstance(window, int) and window > 0 else None
+    needed = memory.sampling_bytes(dit.config, batch, frames, height, width, dtype, backend, temporal, window)
+    for entries in (conds or {}).values():
+        for cond in entries or ():
+            schedule = cond.get(SCHEDULE_KEY) if isinstance(cond, dict) else None
+            if hasattr(schedule, "memory_estimate"):  # a library PromptSchedule
+                needed += schedule.memory_estimate(frames, window)["per_call"] * batch
+    call_frames = window or frames
+    fit = call_frames * available_bytes(model.load_device) // max(1, needed)
+    advice = ("a smaller size" if fit < 1 else f"a shorter context_length (~{fit} fit at this size)" if window
+              else f"fewer frames (~{fit} fit at this size)")
     if backend != "flash":
         advice += " or an attention backend that does not hold the score matrix (--use-pytorch-cross-attention on GPU)"
-    refuse_if_too_big(f"sampling {width * memory.VAE_SCALE}x{height * memory.VAE_SCALE}x{frames} (batch {batch})",
-                      needed, model.load_device, advice, node)
+    refuse_if_too_big(f"sampling {width * memory.VAE_SCALE}x{height * memory.VAE_SCALE}x{frames} (batch {batch}"
+                      f"{f', windows of {window}' if window else ''})", needed, model.load_device, advice, node)
 
 
 def memory_required(config, input_shape, dtype) -> int:
@@ -114,21 +127,21 @@ def prepare_sampling_guard(executor, model, noise_shape, conds, model_options=No
     """PREPARE_SAMPLING wrapper: core KSampler and every sampler built on comfy.samplers is checked before the
     model is loaded (the smallest run: cond and uncond one after the other)."""
     if len(noise_shape) == 4:
-        frames = model.model_options.get("transformer_options", {}).get("easyanimate_frames") or noise_shape[0]
+        frames = model.model_options.get("transformer_options", {}).get(FRAMES_KEY) or noise_shape[0]
         check_sampling(model, max(1, noise_shape[0] // frames), frames, noise_shape[2], noise_shape[3],
-                       "EasyAnimate sampling")
+                       "EasyAnimate sampling", conds)
     return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
 
 
 def check_vae_decode(vae, frames: int, height: int, width: int, frames_per_chunk: int, tiled: bool, node: str):
-    """Decoding `frames` latent frames of height x width LATENT with a comfy.sd.VAE: all decoded frames (kept twice
-    while they are joined) plus the working memory of one chunk."""
+    """Decoding `frames` latent frames of height x width LATENT with a comfy.sd.VAE, `frames_per_chunk` at a time
+    (vae.map_frame_chunks): all decoded frames (filled in place) plus one chunk's output and working memory."""
     scale = getattr(vae, "upscale_ratio", memory.VAE_SCALE)
     scale = scale if isinstance(scale, int) else memory.VAE_SCALE
     h, w = height * scale, width * scale
     chunk = 1 if tiled else min(frames, frames_per_chunk)
     tile = min(h, 512) * min(w, 512) if tiled else h * w  # ComfyUI's decode_tiled works on 512 px tiles
-    images = 2 * memory.image_bytes(frames, h, w)  # the decoded chunks, then their concatenation
+    images = memory.image_bytes(frames + chunk, h, w)
     refuse_if_too_big(f"decoding {w}x{h}x{frames}", images, mm.intermediate_device(), "fewer frames or a smaller size",
                       node)
     refuse_if_too_big(f"decoding {w}x{h} in chunks of {chunk} frames",
@@ -136,9 +149,11 @@ def check_vae_decode(vae, frames: int, height: int, width: int, frames_per_chunk
                       "frames_per_chunk 1 or tiled", node)
 
 
-def check_vae_encode(vae, frames: int, height: int, width: int, node: str):
-    """Encoding `frames` frames of height x width PIXELS, one at a time: the latents plus one frame's work."""
-    needed = memory.latent_bytes(1, frames, height, width) + memory.vae_encode_bytes(1, height, width,
+def check_vae_encode(vae, frames: int, height: int, width: int, frames_per_chunk: int, node: str):
+    """Encoding `frames` frames of height x width PIXELS, `frames_per_chunk` at a time: the latents plus one chunk's
+    work."""
+    chunk = min(frames, frames_per_chunk)
+    needed = memory.latent_bytes(1, frames, height, width) + memory.vae_encode_bytes(chunk, height, width,
                                                                                      dtype=vae.vae_dtype)
-    refuse_if_too_big(f"encoding {width}x{height}x{frames}", needed, vae.device, "fewer frames or a smaller size",
-                      node)
+    refuse_if_too_big(f"encoding {width}x{height}x{frames} in chunks of {chunk} frames", needed, vae.device,
+                      "fewer frames, a smaller size or a smaller frames_per_chunk", node)

@@ -1,4 +1,4 @@
-"""Regenerate example_workflows/: the four UI workflows, their API twins (api/) and their thumbnails (.jpg).
+"""Regenerate example_workflows/: the UI workflows, their API twins (api/) and their thumbnails (.jpg).
 
 The workflows are made by the real ComfyUI frontend, not written by hand: the script starts ComfyUI 0.3.75 with
 this pack on tiny models (tests/comfy_client.py), opens it in Debian's chromium through Playwright, lets LiteGraph
@@ -98,6 +98,107 @@ def core_ksampler():
     ]
 
 
+V2V_CLIP = "easyanimate_v2v_input.mp4"  # the clip LoadVideo expects in ComfyUI's input/ (write_v2v_clip)
+
+
+def long_video():
+    """240 frames (3x the trained length) in context windows of 80 with FreeNoise."""
+    nodes = t2v(FILES_NOTE + "\n240 frames, three times the trained 80: EasyAnimate Context Options lets the sampler "
+                "denoise windows of 80 frames (each a whole video to the motion module) with 20 frames of overlap, "
+                "blended, and FreeNoise so the windows agree. Memory stays that of one window; time grows with the "
+                "number of windows. The VAE decode and the save node handle any length.", DEFAULT_PROMPT, 512, 512,
+                "DPM++", model_src=("ctx", 0),
+                extra=[dict(key="ctx", type="EasyAnimateContextOptions", pos=[0, 340], size=[340, 250],
+                            links={"model": ("mm", 0)},
+                            widgets={"context_length": 80, "context_overlap": 20, "context_schedule": "standard_static",
+                                     "fuse_method": "pyramid", "freenoise": True, "context_stride": 1,
+                                     "closed_loop": False})])
+    for node in nodes:
+        if node["key"] == "latent":
+            node["widgets"] = {**node["widgets"], "frames": 240}
+    return nodes
+
+
+def video_to_video():
+    """A loaded clip, encoded, re-sampled at denoise 0.6."""
+    return [
+        *loader_nodes(),
+        dict(key="load", type="LoadVideo", pos=[0, 340], size=[340, 300], widgets={"file": V2V_CLIP}),
+        dict(key="parts", type="GetVideoComponents", pos=[0, 700], size=[340, 90], links={"video": ("load", 0)}),
+        dict(key="encode", type="EasyAnimateVAEEncodeVideo", pos=[400, 440], size=[420, 130],
+             links={"vae": ("pipe", 2), "images": ("parts", 0)},
+             widgets={"frames_per_chunk": 8, "size": "center crop"}),
+        dict(key="text", type="EasyAnimateTextEncode", pos=[400, 0], size=[420, 380], links={"clip": ("pipe", 1)},
+             widgets={"prompt": DEFAULT_PROMPT, "negative_prompt": DEFAULT_NEGATIVE_PROMPT}),
+        dict(key="sampler", type="EasyAnimateSampler", pos=[860, 0], size=[300, 260],
+             links={"model": ("mm", 0), "positive": ("text", 0), "negative": ("text", 1), "latent": ("encode", 0)},
+             widgets={"seed": 43, "control_after_generate": "fixed", "steps": 30, "cfg": 6.0, "sampler": "DPM++",
+                      "denoise": 0.6}),
+        dict(key="decode", type="EasyAnimateVAEDecode", pos=[860, 320], size=[300, 110],
+             links={"vae": ("pipe", 2), "samples": ("sampler", 0)}, widgets={"frames_per_chunk": 1, "tiled": False}),
+        dict(key="save", type="EasyAnimateSaveVideo", pos=[1200, 0], size=[420, 560],
+             links={"images": ("decode", 0)}, widgets=SAVE_VIDEO),
+        dict(key="note", type="Note", pos=[0, -300], size=[760, 240], widgets={"": FILES_NOTE + (
+            f"\nVideo-to-video: put a clip into ComfyUI's input/ folder and pick it in Load Video (the example expects "
+            f"{V2V_CLIP}). Its frames are center-cropped to multiples of 32, encoded, noised to 60 % (denoise 0.6: "
+            f"the last 18 of 30 steps run) and re-sampled with the prompt. Lower denoise keeps more of the clip; "
+            f"for clips longer than 80 frames add EasyAnimate Context Options.")}),
+    ]
+
+
+def write_v2v_clip(path, frames=8, size=64):
+    """A short moving-gradient mp4 (PyAV, as core's video nodes) for LoadVideo in builds and tests."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        for i in range(frames):
+            rgb = np.stack([np.roll(ramp, 4 * i)[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                            np.full((size, size), 128.0)], -1).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+
+
+SEASONS_SCHEDULE = (
+    "0: A country road through a forest in spring, trees with fresh green leaves and pink blossoms, soft morning "
+    "light, a natural landscape shot.\n"
+    "120: The same country road through a forest in summer, dense green trees, bright sunshine and a blue sky, a "
+    "natural landscape shot.\n"
+    "239: The same country road through a forest in autumn, red and yellow leaves falling on the road, golden "
+    "evening light, a natural landscape shot.")
+
+
+def prompt_travel():
+    """240 frames (3x the trained length) through context windows, with a prompt schedule over three seasons."""
+    return [
+        *loader_nodes(),
+        dict(key="context", type="EasyAnimateContextOptions", pos=[0, 340], size=[340, 250], links={"model": ("mm", 0)},
+             widgets={"context_length": 80, "context_overlap": 20, "context_schedule": "standard_static",
+                      "fuse_method": "pyramid", "freenoise": True}),
+        dict(key="text", type="EasyAnimatePromptSchedule", pos=[400, 0], size=[420, 420], links={"clip": ("pipe", 1)},
+             widgets={"schedule": SEASONS_SCHEDULE, "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+                      "interpolation": "linear", "frames": 240}),
+        dict(key="latent", type="EasyAnimateEmptyLatent", pos=[400, 480],
+             widgets={"width": 512, "height": 512, "frames": 240, "batch_size": 1}),
+        dict(key="sampler", type="EasyAnimateSampler", pos=[860, 0], size=[300, 230],
+             links={"model": ("context", 0), "positive": ("text", 0), "negative": ("text", 1),
+                    "latent": ("latent", 0)},
+             widgets={"seed": 43, "control_after_generate": "fixed", "steps": 30, "cfg": 6.0, "sampler": "DPM++"}),
+        dict(key="decode", type="EasyAnimateVAEDecode", pos=[860, 290], size=[300, 110],
+             links={"vae": ("pipe", 2), "samples": ("sampler", 0)}, widgets={"frames_per_chunk": 1, "tiled": False}),
+        dict(key="save", type="EasyAnimateSaveVideo", pos=[1200, 0], size=[420, 560],
+             links={"images": ("decode", 0)}, widgets=SAVE_VIDEO),
+        dict(key="note", type="Note", pos=[0, -300], size=[760, 240], widgets={"": FILES_NOTE + (
+            "\nPrompt travel: 240 frames (20 s at 12 fps, three times the trained 80) from spring through summer to "
+            "autumn. The prompt schedule keyframes frames 0, 120 and 239 and blends the prompts in between; the "
+            "context options denoise 80-frame windows overlapping by 20, and each window sees the prompts of its "
+            "own frames. Frames in the schedule and in the latent must agree.")}),
+    ]
+
+
 WORKFLOWS = {
     "easyanimate_t2v_landscape_dpmpp": t2v(
         FILES_NOTE + "\nThe original EasyAnimate v1 defaults: 512x512, 80 frames at 12 fps, 30 steps, cfg 6, DPM++, "
@@ -117,6 +218,9 @@ WORKFLOWS = {
                     links={"model": ("mm", 0), "clip": ("pipe", 1)},
                     widgets={"lora_name": LORA_FILE, "strength_model": 0.55, "strength_clip": 0.55})]),
     "easyanimate_core_ksampler": core_ksampler(),
+    "easyanimate_long_video_context_windows": long_video(),
+    "easyanimate_video_to_video": video_to_video(),
+    "easyanimate_prompt_travel_seasons": prompt_travel(),
 }
 
 # thumbnail text and colours (top, bottom of the gradient) per workflow
@@ -129,6 +233,14 @@ CARDS = {
                                   "512x512 · 80 frames · 12 fps", ((90, 60, 130), (230, 215, 245))),
     "easyanimate_core_ksampler": ("Core KSampler", "Core nodes", "KSampler dpmpp_2m · VAE Decode",
                                   "512x512 · 80 frames · 12 fps", ((40, 110, 80), (215, 240, 225))),
+    "easyanimate_long_video_context_windows": ("Long video: 240 frames", "Context windows",
+                                               "windows of 80 · overlap 20 · FreeNoise",
+                                               "512x512 · 240 frames · 12 fps", ((30, 70, 110), (200, 225, 240))),
+    "easyanimate_video_to_video": ("Video to video", "Load Video", "DPM++ · denoise 0.6 · 30 steps",
+                                   "center crop to 32 px · 12 fps", ((110, 80, 30), (245, 230, 200))),
+    "easyanimate_prompt_travel_seasons": ("Prompt travel", "Spring > summer > autumn",
+                                          "Prompt schedule · context windows 80/20",
+                                          "512x512 · 240 frames · 12 fps", ((150, 100, 40), (240, 225, 200))),
 }
 
 # runs in the page: an empty graph, then nodes made, set and wired by LiteGraph itself, as a user would
@@ -192,6 +304,8 @@ def build_workflows(out_dir, keep_ids_from):
     with tempfile.TemporaryDirectory(prefix="ea-examples-") as base:
         server = ComfyServer(host_dir(), base)
         write_release_files(server.models_dir, vae="tiny")  # the loaders' combos list these names
+        (Path(base) / "input").mkdir(parents=True, exist_ok=True)
+        write_v2v_clip(Path(base) / "input" / V2V_CLIP)  # Load Video's combo lists it
         with server:
             server.post_json("/settings/Comfy.TutorialCompleted", True)  # no tutorial over the canvas
             with sync_playwright() as p:

@@ -14,11 +14,24 @@ from PIL import Image
 from comfy_client import REPO_DIR
 
 EXAMPLES = REPO_DIR / "example_workflows"
-NAMES = ["easyanimate_core_ksampler", "easyanimate_portrait_euler_a", "easyanimate_portrait_lora",
-         "easyanimate_t2v_landscape_dpmpp"]
+NAMES = ["easyanimate_core_ksampler", "easyanimate_long_video_context_windows", "easyanimate_portrait_euler_a",
+         "easyanimate_portrait_lora", "easyanimate_prompt_travel_seasons", "easyanimate_t2v_landscape_dpmpp",
+         "easyanimate_video_to_video"]
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # frontend nodes: not in /object_info, not in API prompts
 SCALAR_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 TINY = {"width": 64, "height": 64, "frames": 8, "steps": 2}
+# per-example shrinking on top of TINY: (extra overrides, frames in the saved video)
+SHRINK = {
+    # windows of 8 (overlap 2) over 24 frames: the windows really run, as at 80 over 240
+    "easyanimate_long_video_context_windows": (["EasyAnimateEmptyLatent.frames=24",
+                                                "EasyAnimateContextOptions.context_length=8",
+                                                "EasyAnimateContextOptions.context_overlap=2"], 24),
+    # denoise 0.6 of 4 steps = the last 2 steps; the input clip (write_v2v_clip) is 64x64, 8 frames
+    "easyanimate_video_to_video": (["EasyAnimateSampler.steps=4"], 8),
+    # the schedule's keyframes are scaled to the frames by shrink_overrides; windows of 4 still run over 8 frames
+    "easyanimate_prompt_travel_seasons": (["EasyAnimateContextOptions.context_length=4",
+                                           "EasyAnimateContextOptions.context_overlap=1"], 8),
+}
 
 
 def ui_workflow(name):
@@ -36,6 +49,21 @@ def load_api_queue():
     return module
 
 
+def load_build_script():
+    spec = importlib.util.spec_from_file_location("build_example_workflows",
+                                                  REPO_DIR / "scripts" / "build_example_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_input_clip(comfy, frames=TINY["frames"]):
+    """The clip the video-to-video example loads, in the server's input/ (LoadVideo's combo lists it)."""
+    build = load_build_script()
+    (comfy.base_dir / "input").mkdir(exist_ok=True)
+    build.write_v2v_clip(comfy.base_dir / "input" / build.V2V_CLIP, frames=frames, size=TINY["width"])
+
+
 def widget_names(info):
     """Names of a node's widgets in the frontend's order (= widgets_values order), from /object_info: scalar and
     combo inputs in input order, with the seed's control_after_generate widget right after it."""
@@ -47,6 +75,8 @@ def widget_names(info):
             if opts.get("forceInput") or not (isinstance(kind, list) or kind == "COMBO" or kind in SCALAR_WIDGETS):
                 continue
             names.append(name)
+            if any(opts.get(f"{what}_upload") for what in ("image", "audio", "video", "file")):
+                names.append("upload")  # the frontend's upload button is a widget with a stored value
             if kind == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
                 names.append("control_after_generate")
     return names
@@ -61,7 +91,7 @@ def expected_api(ui, object_info):
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
             continue
         names = widget_names(object_info[node["type"]])
-        inputs = {n: v for n, v in zip(names, node.get("widgets_values", [])) if n != "control_after_generate"}
+        inputs = {n: v for n, v in zip(names, node.get("widgets_values", [])) if n not in ("control_after_generate", "upload")}
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 _, origin, origin_slot, *_ = links[slot["link"]]
@@ -128,6 +158,35 @@ def test_landscape_example_has_the_original_defaults():
     assert {"KSampler", "VAEDecode", "CLIPTextEncode", "EasyAnimateSaveVideo"} <= core
 
 
+def test_prompt_travel_example_settings():
+    from easyanimate_model.prompt_schedule import parse_schedule
+
+    api = {n["class_type"]: n["inputs"] for n in api_workflow("easyanimate_prompt_travel_seasons").values()}
+    schedule = api["EasyAnimatePromptSchedule"]
+    keyframes = parse_schedule(schedule["schedule"], schedule["frames"])
+    assert [k.frame for k in keyframes] == [0, 120, 239]
+    assert [k.prompt.split(",")[0].split()[-1] for k in keyframes] == ["spring", "summer", "autumn"]
+    assert schedule["frames"] == api["EasyAnimateEmptyLatent"]["frames"] == 240
+    assert api["EasyAnimateContextOptions"]["context_length"] == 80
+    ids = {n["class_type"]: i for i, n in api_workflow("easyanimate_prompt_travel_seasons").items()}
+    assert api["EasyAnimateSampler"]["model"] == [ids["EasyAnimateContextOptions"], 0]
+    assert api["EasyAnimateSampler"]["positive"] == [ids["EasyAnimatePromptSchedule"], 0]
+
+
+def shrink_overrides(workflow):
+    """--set overrides that fit a prompt schedule to TINY frames (keyframes scaled)."""
+    out = []
+    for node in workflow.values():
+        if node["class_type"] == "EasyAnimatePromptSchedule":
+            from easyanimate_model.prompt_schedule import parse_schedule
+
+            inputs = node["inputs"]
+            keyframes = parse_schedule(inputs["schedule"], inputs["frames"])
+            text = "\n".join(f"{k.frame * TINY['frames'] // inputs['frames']}: {k.prompt}" for k in keyframes)
+            out += [f"EasyAnimatePromptSchedule.frames={TINY['frames']}", f"EasyAnimatePromptSchedule.schedule={text}"]
+    return out
+
+
 def test_api_queue_overrides_and_rejects_ui_files(tmp_path):
     api_queue = load_api_queue()
     workflow = api_workflow("easyanimate_t2v_landscape_dpmpp")
@@ -162,6 +221,7 @@ def test_template_browser_serves_every_example(comfy):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_matches_node_definitions_and_api_twin(comfy, name):
+    write_input_clip(comfy)
     object_info = comfy.object_info()
     ui = ui_workflow(name)
     for node in ui["nodes"]:
@@ -174,6 +234,8 @@ def test_ui_workflow_matches_node_definitions_and_api_twin(comfy, name):
         assert len(values) == len(names), f"{name}: node {node['id']} {node['type']}: {values} vs {names}"
         specs = {**info["input"]["required"], **(info["input"].get("optional") or {})}
         for widget, value in zip(names, values):
+            if widget == "upload":
+                continue
             if widget == "control_after_generate":
                 assert value == "fixed", f"{name}: the example seed must stay fixed"
                 continue
@@ -192,8 +254,15 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
     api_queue = load_api_queue()
     workflow = api_workflow(name)
     sampler = next(n["class_type"] for n in workflow.values() if n["class_type"] in ("EasyAnimateSampler", "KSampler"))
-    overrides = [f"EasyAnimateEmptyLatent.{key}={TINY[key]}" for key in ("width", "height", "frames")]
+    classes = {n["class_type"] for n in workflow.values()}
+    overrides = [f"EasyAnimateEmptyLatent.{key}={TINY[key]}" for key in ("width", "height", "frames")
+                 if "EasyAnimateEmptyLatent" in classes]
     overrides += [f"{sampler}.steps={TINY['steps']}", f"EasyAnimateSaveVideo.filename_prefix=examples/{name}"]
+    extra, frames = SHRINK.get(name, ([], TINY["frames"]))
+    overrides += extra
+    if "LoadVideo" in classes:
+        write_input_clip(comfy, frames)
+    overrides += shrink_overrides(workflow)
     (tmp_path / "api.json").write_text(json.dumps(workflow))
     args = argparse.Namespace(workflow=str(tmp_path / "api.json"), set=overrides, server=comfy.url,
                               out=str(tmp_path / "out"), timeout=600)
@@ -208,7 +277,7 @@ def test_api_twin_runs_on_tiny_models_through_api_queue(comfy, name, tmp_path):
 
     reader = imageio_ffmpeg.read_frames(str(video))
     meta = next(reader)
-    assert meta["size"] == (TINY["width"], TINY["height"]) and sum(1 for _ in reader) == TINY["frames"]
+    assert meta["size"] == (TINY["width"], TINY["height"]) and sum(1 for _ in reader) == frames
 
 
 def test_api_queue_reports_invalid_inputs_before_running(comfy, tmp_path):

@@ -16,10 +16,14 @@ NODE_CONTRACT = {
     "EasyAnimateLoadT5": (["source", "device"], ["CLIP"]),
     "EasyAnimateTextEncode": (["clip", "prompt", "negative_prompt"], ["CONDITIONING", "CONDITIONING"]),
     "EasyAnimateEmptyLatent": (["width", "height", "frames", "batch_size"], ["LATENT"]),
-    "EasyAnimateSampler": (["model", "positive", "negative", "latent", "seed", "steps", "cfg", "sampler"], ["LATENT"]),
+    "EasyAnimateSampler": (["model", "positive", "negative", "latent", "seed", "steps", "cfg", "sampler", "denoise"],
+                           ["LATENT"]),
     "EasyAnimateVAEDecode": (["vae", "samples", "frames_per_chunk", "tiled"], ["IMAGE"]),
     "EasyAnimateSaveVideo": (["images", "filename_prefix", "fps", "format", "quality", "loop"], ["IMAGE"]),
     "EasyAnimatePreviewVideo": (["images", "fps", "format"], ["IMAGE"]),
+    "EasyAnimateVAEEncodeVideo": (["vae", "images", "frames_per_chunk", "size"], ["LATENT"]),
+    "EasyAnimateContextOptions": (["model", "context_length", "context_overlap", "context_schedule", "fuse_method",
+                                   "freenoise", "context_stride", "closed_loop"], ["MODEL"]),
 }
 OUTPUT_NODES = {"EasyAnimateSaveVideo", "EasyAnimatePreviewVideo"}
 SCALAR_WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}

@@ -217,3 +217,38 @@ def test_callback_every_step_and_exception_propagates():
     with pytest.raises(Stop):
         sample(model, "Euler", 5, 6.0, pe, pm, ne, nm, latents=noise, callback=interrupt)
     assert len(model.calls) == 2
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_schedule_sigmas_give_back_the_exact_timesteps(name):
+    """The sigmas of the ComfyUI samplers map back to the scheduler's own timesteps (Euler: fractional ones)."""
+    from easyanimate_model.sampling import schedule_sigmas, sigma_to_timestep, train_sigmas
+
+    s = make_scheduler(name)
+    s.set_timesteps(30)
+    sigmas = schedule_sigmas(name, 30)
+    assert len(sigmas) == len(s.timesteps) + 1 and sigmas[-1] == 0 and sigmas.dtype == torch.float32
+    t = sigma_to_timestep(sigmas[:-1], train_sigmas())
+    if name.startswith("Euler"):
+        assert torch.equal(sigmas, s.sigmas)
+        assert (t - s.timesteps.double()).abs().max() < 1e-4 and (t != t.round()).any()
+    else:
+        assert torch.equal(t, s.timesteps.double())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_scheduler_for_sigmas_finds_steps_and_start(name):
+    from easyanimate_model.sampling import schedule_sigmas, scheduler_for_sigmas
+
+    sigmas = schedule_sigmas(name, 12)
+    s, start = scheduler_for_sigmas(name, sigmas)
+    assert start == 0 and s.num_inference_steps == 12
+    if name == "PNDM":
+        with pytest.raises(ValueError, match="PNDM runs only its whole schedule"):
+            scheduler_for_sigmas(name, sigmas[4:])
+    else:
+        s, start = scheduler_for_sigmas(name, sigmas[4:])
+        assert start == 4 and s.num_inference_steps == 12
+    karras = torch.tensor([14.6, 3.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match=f"not the {name.replace('+', '.')} schedule"):
+        scheduler_for_sigmas(name, karras)
