@@ -7,7 +7,7 @@ from comfy_client import REPO_DIR
 
 # the test tier itself reads the shared host recipes when they exist (tests/host, scripts, CI); that is code, not a
 # reference for readers
-CODE_THAT_MAY_READ_SHARED = ("tests/host/", "scripts/setup_host.sh", ".ci/", "tests/conftest.py",
+CODE_THAT_MAY_READ_SHARED = ("tests/host/", "scripts/setup_host.sh", "scripts/setup_host_current.sh", ".ci/", "tests/conftest.py",
                              "tests/comfy_client.py", "tests/test_docs.py")
 TEXT_SUFFIXES = (".py", ".md", ".js", ".sh", ".toml", ".txt", ".json")
 
