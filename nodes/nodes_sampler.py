@@ -13,8 +13,6 @@ import logging
 import torch
 
 import comfy.model_management
-import comfy.sample
-import comfy.samplers
 import comfy.utils
 import latent_preview
 
@@ -89,6 +87,8 @@ def easyanimate_sampler(scheduler: str):
     """A SAMPLER (core KSAMPLER) running one of the original schedulers; pair it with EasyAnimateSigmas."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"sampler: expected one of {', '.join(SCHEDULERS)}, found {scheduler!r}")
+    import comfy.samplers  # imports scipy: not at pack import time (tests/test_packaging.py)
+
     return comfy.samplers.KSAMPLER(_sample_original, extra_options={"scheduler": scheduler})
 
 
@@ -208,6 +208,8 @@ class EasyAnimateSampler:
         if frames > 1 and not motion_module_enabled(model):
             log.warning("%s: the MODEL has no motion module: the %d frames are denoised as independent images "
                         "(add EasyAnimateLoadMotionModule)", NODE, frames)
+
+        import comfy.sample  # imports scipy: not at pack import time
 
         model = model.clone()
         model.model_options.setdefault("transformer_options", {})[FRAMES_KEY] = frames
