@@ -284,6 +284,12 @@ def test_denoise_zero_returns_the_input_and_partial_denoise_stays_close(comfy):
     partial = saved_latent(comfy, run_ok(comfy, g), "31s")
     full = saved_latent(comfy, run_ok(comfy, {**g, "31": {**g["31"], "inputs": {**g["31"]["inputs"], "denoise": 1.0}}}), "31s")
     assert (partial - encoded).abs().mean() < (full - encoded).abs().mean()
+    # core KSampler's denoise on our model sampling: a low denoise keeps the input, 1.0 does not
+    g["32"]["inputs"].update(steps=10, denoise=0.2)
+    core_partial = saved_latent(comfy, run_ok(comfy, g), "32s")
+    g["32"]["inputs"]["denoise"] = 1.0
+    core_full = saved_latent(comfy, run_ok(comfy, g), "32s")
+    assert (core_partial - encoded).abs().mean() < (core_full - encoded).abs().mean()
 
 
 @pytest.mark.parametrize("sampler", ["Euler A", "DPM++", "DDIM"])
