@@ -10,7 +10,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 
 VAE_SCALE = 8  # SD VAE: pixels per latent cell
-# pixel multiple of width/height for the released model: patch 2 x motion-module grid block 2 x VAE 8 (spec A.5);
+# pixel multiple of width/height for the released model: patch 2 x motion-module grid block 2 x VAE 8 (docs/MODEL.md §A.5);
 # TransformerConfig.size_multiple() gives it for any config
 SIZE_MULTIPLE = 32
 IMAGE_SIZE_MULTIPLE = 16  # without the motion module (2D training/inference): patch 2 x VAE 8

@@ -240,7 +240,7 @@ class TokenizerOutput(dict):
 
 
 class T5SentencePieceTokenizer:
-    """transformers 4.x's slow `T5Tokenizer` (the one v1 used, spec C.3), on the `sentencepiece` package alone.
+    """transformers 4.x's slow `T5Tokenizer` (the one v1 used, docs/MODEL.md §C.3), on the `sentencepiece` package alone.
 
     transformers 5 has no slow T5Tokenizer: it converts spiece.model into a fast tokenizer, which needs protobuf
     (not a ComfyUI requirement) and fails without it. This class repeats what the slow tokenizer does, so the ids

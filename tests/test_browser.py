@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from comfy_client import REPO_DIR, artifacts_dir
+from test_examples import write_input_clip
 
 pytestmark = pytest.mark.browser
 
@@ -157,8 +158,9 @@ def test_no_hooks_on_other_nodes(page):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_example_workflow_loads_without_missing_nodes_or_errors(page, name):
+def test_example_workflow_loads_without_missing_nodes_or_errors(page, comfy, name):
     workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
+    write_input_clip(comfy)  # as the README says: the video-to-video example's clip is in input/
     since = len(page.console.errors)
     load_workflow(page, workflow)
     missing = page.evaluate(JS_MISSING)

@@ -1,4 +1,4 @@
-"""The T5 tokenizer gives the ids of transformers 4.x's slow T5Tokenizer (what v1 ran, spec C.3 via
+"""The T5 tokenizer gives the ids of transformers 4.x's slow T5Tokenizer (what v1 ran, docs/MODEL.md §C.3; see
 docs/ARCHITECTURE.md) with any transformers version, with or without protobuf.
 
 The reference ids come from a real slow T5Tokenizer: in this interpreter when its transformers has one (4.x), else
