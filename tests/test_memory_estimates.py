@@ -35,5 +35,16 @@ def test_transformer_estimate_grows_with_frames_and_backend():
         memory.transformer_bytes(config, 1, 1, 8, 8, attention="sdpa")
 
 
+def test_sampling_under_context_windows_counts_one_window_of_activations():
+    config = TransformerConfig()
+    whole = memory.sampling_bytes(config, 1, 240, 64, 64)
+    windowed = memory.sampling_bytes(config, 1, 240, 64, 64, window=80)
+    one_window = memory.sampling_bytes(config, 1, 80, 64, 64)
+    latents = memory.SAMPLER_LATENT_COPIES * 240 * config.in_channels * 64 * 64 * 4
+    # the latents of all 240 frames stay; the activations are those of an 80-frame call
+    assert windowed - latents == one_window - latents * 80 // 240
+    assert windowed < whole / 2
+
+
 def test_gib_formatting():
     assert memory.gib(0) == "<0.1" and memory.gib(1.5 * memory.GiB) == "1.5" and memory.gib(586.2 * memory.GiB) == "587"
