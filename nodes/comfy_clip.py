@@ -10,7 +10,6 @@ gives the same conditioning as EasyAnimateTextEncode.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 
 import torch
@@ -135,8 +134,3 @@ def build_clip(state_dict: dict, t5_config: dict, tokenizer_dir: str, device: st
     if reload is not None:
         clip.patcher.cached_patcher_init = (clip_patcher, (reload[0], *reload[1]))
     return clip
-
-
-def read_hf_config(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
