@@ -8,6 +8,7 @@ The loop reproduces the original pipeline step for step: initial noise × init_n
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -144,8 +145,7 @@ def scheduler_for_sigmas(scheduler: str, sigmas: torch.Tensor, device=None, max_
         if len(full) - 1 < calls or not torch.allclose(full[-calls - 1:], sigmas, rtol=1e-6, atol=0):
             continue
         start = len(full) - 1 - calls
-        if start and scheduler == "PNDM":
-            raise ValueError("PNDM runs only its whole schedule (its warm-up steps come first): use denoise 1")
+        check_start(scheduler, start)
         s = make_scheduler(scheduler)
         s.set_timesteps(steps, device=device)
         if start and hasattr(s, "set_begin_index"):
@@ -156,12 +156,24 @@ def scheduler_for_sigmas(scheduler: str, sigmas: torch.Tensor, device=None, max_
                      f"{'...' if len(sigmas) > 6 else ''}")
 
 
-def denoise_start(steps: int, denoise: float) -> int:
+def denoise_start(steps: int, denoise: float, scheduler=None) -> int:
     """Steps skipped for a partial denoise, with the diffusers img2img `strength` rule: the last
-    `min(int(steps * denoise), steps)` steps run (denoise 1: all of them; 0: none, the input comes back)."""
+    `min(int(steps * denoise), steps)` steps run (denoise 1: all of them; 0: none, the input comes back).
+    With `scheduler` (a name or an instance), a start it cannot make is a ValueError (check_start)."""
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise: expected a value from 0 to 1, found {denoise}")
-    return steps - min(int(steps * denoise), steps)
+    start = steps - min(int(steps * denoise), steps)
+    if scheduler is not None:
+        check_start(scheduler, start, f"denoise {denoise}")
+    return start
+
+
+def check_start(scheduler, start: int, found: str = ""):
+    """ValueError when `scheduler` (a SCHEDULERS name or a scheduler instance) cannot begin `start` steps into its
+    schedule: PNDM's PRK warm-up steps come first, so it runs only whole."""
+    if start and (scheduler == "PNDM" or type(scheduler).__name__ == _CLASS_NAMES["PNDM"]):
+        raise ValueError("PNDM runs only its whole schedule (its warm-up steps come first): use denoise 1 or another "
+                         "sampler for video-to-video" + (f", found {found}" if found else ""))
 
 
 def add_noise_at(scheduler, latents: torch.Tensor, noise: torch.Tensor, start: int) -> torch.Tensor:
@@ -171,14 +183,8 @@ def add_noise_at(scheduler, latents: torch.Tensor, noise: torch.Tensor, start: i
     return scheduler.add_noise(latents, noise, t)
 
 
-_SCHEDULE_CACHE: dict = {}
-
-
-def _schedule_cached(scheduler, steps):
-    key = (scheduler, steps)
-    if key not in _SCHEDULE_CACHE:
-        _SCHEDULE_CACHE[key] = schedule_sigmas(scheduler, steps)
-    return _SCHEDULE_CACHE[key]
+# scheduler_for_sigmas searches the step counts: each schedule is computed once per process
+_schedule_cached = functools.cache(schedule_sigmas)
 
 
 def run_schedule(scheduler, latents: torch.Tensor, predict_eps: Callable, generator=None, start: int = 0,
@@ -247,11 +253,9 @@ def sample(
     start = 0 if init_latents is None else denoise_start(steps, denoise)
     if start >= steps:
         return init_latents
-    if start:
-        if type(scheduler).__name__ == _CLASS_NAMES["PNDM"]:
-            raise ValueError(f"denoise {denoise}: PNDM runs only its whole schedule (warm-up steps first)")
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
+    check_start(scheduler, start, f"denoise {denoise}")
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
 
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor

@@ -18,7 +18,7 @@ import latent_preview
 
 from ..easyanimate_model.sampling import (SCHEDULERS, SIGMA_SPACE, add_noise_at, denoise_start, run_schedule,
                                           schedule_sigmas, scheduler_for_sigmas)
-from .comfy_model import FRAMES_KEY
+from .keys import FRAMES_KEY
 from . import resources
 from .model_patching import easyanimate_model, motion_module_enabled
 
@@ -191,12 +191,9 @@ class EasyAnimateSampler:
         resources.check_sampling(model, samples.shape[0] // frames, frames, *samples.shape[-2:], NODE)
         sigmas = original_sigmas(sampler, steps, NODE)
         try:
-            start = denoise_start(steps, denoise)
+            start = denoise_start(steps, denoise, sampler)
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from None
-        if start and sampler == "PNDM":
-            raise ValueError(f"{NODE}: PNDM runs only its whole schedule (its warm-up steps come first): use "
-                             f"denoise 1 or another sampler for video-to-video, found denoise {denoise}")
         if start >= steps:  # nothing to denoise: the input latents come back (as core KSampler at denoise 0)
             return ({**latent, FRAMES_KEY: frames},)
         sigmas = sigmas[start:]
