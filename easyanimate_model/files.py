@@ -9,6 +9,7 @@ naming the file, what was expected and what was found.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import struct
@@ -149,13 +150,6 @@ def load_state_dict_file(path) -> tuple[dict[str, torch.Tensor], dict]:
 CAST_CHUNK = 64 * 2 ** 20  # elements read per mapping when casting (256 MB of fp32)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _chunked(keys: list, shapes: dict, limit):
     """`keys` in runs of at most `limit` elements (at least one key each); all in one run when `limit` is None."""
     if limit is None:
@@ -163,11 +157,11 @@ def _chunked(keys: list, shapes: dict, limit):
         return
     part, size = [], 0
     for k in keys:
-        if part and size + _numel(shapes[k]) > limit:
+        if part and size + math.prod(shapes[k]) > limit:
             yield part
             part, size = [], 0
         part.append(k)
-        size += _numel(shapes[k])
+        size += math.prod(shapes[k])
     if part:
         yield part
 

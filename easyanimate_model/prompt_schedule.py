@@ -24,6 +24,7 @@ At w = 0 and w = 1 the keyframe's own tensors are used unchanged.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -100,12 +101,11 @@ def parse_schedule(text: str, num_frames: int | None = None, name: str = "schedu
     return keyframes
 
 
-def check_frames(keyframes_or_schedule, num_frames: int, name: str = "schedule"):
-    """ScheduleError when a keyframe lies at or past the video's `num_frames` (the latent's frame count)."""
-    frames = (keyframes_or_schedule.key_frames if isinstance(keyframes_or_schedule, PromptSchedule)
-              else [k.frame for k in keyframes_or_schedule])
-    lines = getattr(keyframes_or_schedule, "key_lines", None) or [None] * len(frames)
-    for frame, line in zip(frames, lines):
+def check_frames(schedule: "PromptSchedule", num_frames: int, name: str = "schedule"):
+    """ScheduleError when a keyframe of `schedule` lies at or past the video's `num_frames` (the latent's frame
+    count; parse_schedule checks the text against the node's `frames`)."""
+    lines = schedule.key_lines or [None] * len(schedule.key_frames)
+    for frame, line in zip(schedule.key_frames, lines):
         if frame >= num_frames:
             where = f" line {line}" if line else ""
             raise ScheduleError(f"{name}{where}: keyframe {frame} is past the video ({num_frames} frames: "
@@ -214,14 +214,7 @@ class PromptSchedule:
         keys, prompts = self.key_frames, self.key_prompts
         for f in (int(f) for f in frames):
             # the last keyframe at or before f (the first one for frames before it)
-            i = 0
-            lo, hi = 0, len(keys) - 1
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                if keys[mid] <= f:
-                    i, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
+            i = max(0, bisect.bisect_right(keys, f) - 1)
             a = prompts[i]
             if self.interpolation == "hold" or f <= keys[i] or i + 1 == len(keys):
                 out.append((a, a, 0.0))

@@ -186,14 +186,11 @@ def load_text_encoder(folder, dtype: torch.dtype = torch.float32, device="cpu"):
     """Load (T5Tokenizer, T5EncoderModel) from a PixArt pipeline folder, its text_encoder/ or its tokenizer/."""
     encoder_dir, tokenizer_dir = t5_folders(folder)
     read_t5_encoder(encoder_dir)
-    if not (tokenizer_dir / "spiece.model").is_file():
-        raise EasyAnimateLoadError(f"{tokenizer_dir}: expected the T5 SentencePiece tokenizer (spiece.model), "
-                                   f"file not found")
+    tokenizer = load_tokenizer(tokenizer_dir)  # checked before transformers is imported
 
     import transformers
     from transformers import T5EncoderModel
 
-    tokenizer = load_tokenizer(tokenizer_dir)
     # transformers >= 4.56 renamed torch_dtype to dtype
     dtype_kwarg = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
     try:

@@ -229,14 +229,12 @@ def latent_distribution(vae, frames: torch.Tensor, chunk: int = 8) -> tuple[torc
     """Frames [N, 3, H, W] in -1..1 -> the VAE posterior (mean, std), each [N, 4, H/8, W/8] float32, unscaled.
 
     Encoded `chunk` frames at a time (training's `--vae_mini_batch`) in the VAE's dtype and device."""
-    if chunk < 1:
-        raise ValueError(f"chunk: expected a positive frame count, found {chunk}")
-    means, stds = [], []
-    for part in frames.split(chunk):
+    def posterior(part):
         dist = vae.encode(part.to(device=_vae_device(vae), dtype=_vae_dtype(vae))).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
+        return torch.cat([dist.mean, dist.std], dim=1).float()
+
+    mean, std = map_frame_chunks(posterior, frames, chunk).chunk(2, dim=1)
+    return mean.contiguous(), std.contiguous()  # own storage each: training caches them separately
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
