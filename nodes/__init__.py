@@ -12,8 +12,7 @@ NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
 _MODULES = ["nodes_loaders", "nodes_lora", "nodes_text", "nodes_schedule", "nodes_latent", "nodes_sampler",
-            "nodes_context", "nodes_vae",
-            "nodes_video"]
+            "nodes_context", "nodes_vae", "nodes_video"]
 
 
 def input_error(name, value, spec):

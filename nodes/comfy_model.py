@@ -8,7 +8,6 @@ built in model_patching.py).
   latents [B*F, 4, h, w]. A 2D MODEL has no motion-module structure; the motion-module node builds a new model with
   it (sharing the 2D tensors, model_patching.py) and sets TEMPORAL_OPTION in its transformer_options, which the
   model honours (and the sampler reads).
-- Frames per video: transformer_options[FRAMES_KEY] (our sampler sets it), else one video per cond chunk.
 - Frames per video (`frames_per_video`, the one place that decides it): a core context window's length, else
   transformer_options[FRAMES_KEY] (EasyAnimateSampler sets it from the latent's entry of the same name), else one
   video per cond chunk (rows // len(cond_or_uncond)).

@@ -21,7 +21,8 @@ import comfy.patcher_extension
 
 from ..easyanimate_model.config import MotionModuleConfig, TransformerConfig
 from . import resources
-from .comfy_model import TEMPORAL_OPTION, WEIGHT_DTYPES, EasyAnimateBaseModel, EasyAnimateV1
+from .comfy_model import WEIGHT_DTYPES, EasyAnimateBaseModel, EasyAnimateV1
+from .keys import TEMPORAL_OPTION
 
 log = logging.getLogger("EasyAnimate")
 PREFIX = "diffusion_model."
@@ -45,23 +46,6 @@ def call_patcher_init(init, disable_dynamic: bool = False):
     """Run a `cached_patcher_init` tuple (factory, args[, index]) like core does."""
     out = init[0](*init[1], disable_dynamic=disable_dynamic)
     return out[init[2]] if len(init) > 2 else out
-
-
-def weight_dtypes(weight_dtype: str, state_dict: dict, model_config, load_device):
-    """(storage dtype, manual-cast dtype) for a `weight_dtype` choice, decided by core like for its own models."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype: expected one of {list(WEIGHT_DTYPES)}, found {weight_dtype!r}")
-    dtype = WEIGHT_DTYPES[weight_dtype]
-    if weight_dtype.startswith("fp8") and (dtype is None or dtype not in
-                                           comfy.model_management.get_supported_float8_types()):
-        raise ValueError(f"weight_dtype {weight_dtype}: this PyTorch build has no {weight_dtype} support")
-    if dtype is None:
-        params = sum(t.numel() for t in state_dict.values())
-        file_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
-        dtype = comfy.model_management.unet_dtype(model_params=params, weight_dtype=file_dtype,
-                                                  supported_dtypes=model_config.supported_inference_dtypes)
-    manual_cast = comfy.model_management.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    return dtype, manual_cast
 
 
 def _cast(state_dict: dict, dtype) -> dict:
@@ -89,10 +73,23 @@ def _build(config: TransformerConfig, state_dict: dict, dtype, manual_cast, sour
     return model
 
 
-def model_dtypes(config: TransformerConfig, state_dict: dict, weight_dtype: str):
-    """(storage dtype, manual-cast dtype) of a MODEL holding `state_dict` with the loader's `weight_dtype` choice."""
-    return weight_dtypes(weight_dtype, state_dict, EasyAnimateV1({"config": config}),
-                         comfy.model_management.get_torch_device())
+def model_dtypes(state_dict: dict, weight_dtype: str):
+    """(storage dtype, manual-cast dtype) of a MODEL holding `state_dict` with the loader's `weight_dtype` choice,
+    decided by core like for its own models."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: expected one of {list(WEIGHT_DTYPES)}, found {weight_dtype!r}")
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    if weight_dtype.startswith("fp8") and (dtype is None or dtype not in
+                                           comfy.model_management.get_supported_float8_types()):
+        raise ValueError(f"weight_dtype {weight_dtype}: this PyTorch build has no {weight_dtype} support")
+    supported = EasyAnimateV1.supported_inference_dtypes
+    if dtype is None:
+        params = sum(t.numel() for t in state_dict.values())
+        file_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), None)
+        dtype = comfy.model_management.unet_dtype(model_params=params, weight_dtype=file_dtype,
+                                                  supported_dtypes=supported)
+    manual_cast = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device(), supported)
+    return dtype, manual_cast
 
 
 def read_for_model(read, weight_dtype: str):
@@ -100,7 +97,7 @@ def read_for_model(read, weight_dtype: str):
     reading. The first read only maps the file (nothing is touched); it is read again with the cast only when the
     dtype differs, so casting streams chunk by chunk instead of holding the file's pages and the result at once."""
     config, state = read(None)
-    dtype, _ = model_dtypes(config, state, weight_dtype)
+    dtype, _ = model_dtypes(state, weight_dtype)
     if any(t.is_floating_point() and t.dtype != dtype for t in state.values()):
         del state
         config, state = read(dtype)
@@ -116,7 +113,7 @@ def build_model_patcher(config: TransformerConfig, state_dict: dict, weight_dtyp
     """
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
-    dtype, manual_cast = model_dtypes(config, state_dict, weight_dtype)
+    dtype, manual_cast = model_dtypes(state_dict, weight_dtype)
     model = _build(config, state_dict, dtype, manual_cast, source, load_device, offload_device)
     patcher = patcher_class(disable_dynamic)(model, load_device=load_device, offload_device=offload_device)
     patcher.cached_patcher_init = patcher_init

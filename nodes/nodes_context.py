@@ -23,7 +23,7 @@ import comfy.context_windows as cw
 import comfy.patcher_extension
 
 from ..easyanimate_model.context import freenoise
-from .comfy_model import FRAMES_KEY
+from .keys import FRAMES_KEY
 from .model_patching import easyanimate_model
 
 log = logging.getLogger("EasyAnimate")

@@ -5,9 +5,9 @@ import torch
 
 import comfy.model_management
 
-from .comfy_model import FRAMES_KEY
 from ..easyanimate_model.config import SIZE_MULTIPLE, size_error
 from . import resources
+from .keys import FRAMES_KEY
 
 
 class EasyAnimateEmptyLatent:

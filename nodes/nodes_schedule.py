@@ -2,7 +2,7 @@
 
 The library (easyanimate_model.prompt_schedule) parses and checks the schedule and holds the per-frame states; this
 node encodes each distinct prompt once with the original tokenization (nodes_text.encode) and returns CONDITIONING
-whose entry carries the PromptSchedule under comfy_model.SCHEDULE_KEY. The tensor part is the first keyframe's
+whose entry carries the PromptSchedule under keys.SCHEDULE_KEY. The tensor part is the first keyframe's
 prompt, so a consumer that ignores schedules still gets a sensible single-prompt conditioning.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from ..easyanimate_model.prompt_schedule import (INTERPOLATIONS, PromptSchedule, ScheduleError,
                                                  looks_like_schedule, parse_schedule)
 from ..easyanimate_model.text import DEFAULT_NEGATIVE_PROMPT, MAX_LENGTH, preprocess_prompt
-from .comfy_model import SCHEDULE_KEY
+from .keys import SCHEDULE_KEY
 from .nodes_text import encode
 
 log = logging.getLogger("EasyAnimate")

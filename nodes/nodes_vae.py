@@ -11,7 +11,7 @@ from ..easyanimate_model.config import SIZE_MULTIPLE
 from ..easyanimate_model.errors import EasyAnimateLoadError
 from ..easyanimate_model.vae import FIT_MODES, fit_frames, map_frame_chunks, read_vae_folder
 from . import resources
-from .comfy_model import FRAMES_KEY
+from .keys import FRAMES_KEY
 
 
 def _progress(pbar):

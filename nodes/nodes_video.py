@@ -28,7 +28,8 @@ UI_KEY = "easyanimate_videos"
 log = logging.getLogger("EasyAnimate")
 
 # Files being written are named `.<name>.<pid>-<process start>.partial` and renamed once complete; a crash leaves them
-# behind. They are removed when no live process owns them: at load, and in a folder before and after each save.
+# behind. They are removed when no live process owns them: at load, and in a folder before each save (a failed
+# save removes its own).
 _OWNER = f"{os.getpid()}-{int(psutil.Process().create_time())}"
 _PARTIAL = re.compile(r"\..+?(?:\.(\d+)-(\d+))?\.partial")
 
@@ -183,7 +184,6 @@ def save_video(images, fps, format, quality, loop, folder, folder_type, filename
     finally:
         if os.path.exists(partial_path):
             os.remove(partial_path)
-        remove_stale_partials(full_folder)
     return {"filename": file, "subfolder": subfolder, "type": folder_type, "format": mime, "fps": fps,
             "frame_count": frame_count, "width": width, "height": height}
 
