@@ -134,7 +134,8 @@ class ComfyServer:
     """
 
     def __init__(self, host, base_dir, pack_dir=REPO_DIR, pack_folder_name="easyanimate-pack-under-test",
-                 extra_args=None, log_path=None, force_dynamic_vram=None, address_space_limit=None):
+                 extra_args=None, log_path=None, force_dynamic_vram=None, address_space_limit=None,
+                 extra_custom_nodes=()):
         self.host = Path(host)
         self.base_dir = Path(base_dir)
         self.pack_dir = Path(pack_dir).resolve()
@@ -144,6 +145,7 @@ class ComfyServer:
         self.comfy_dir = host_comfy_dir(self.host)
         self.version = None
         self.address_space_limit = address_space_limit  # bytes: `ulimit -v` for the server process
+        self.extra_custom_nodes = [Path(p) for p in extra_custom_nodes]  # more custom_nodes folders (test nodes)
         self.models_dir = self.base_dir / "models"
         self.output_dir = self.base_dir / "output"
         self.temp_dir = self.base_dir / "temp"
@@ -172,11 +174,15 @@ class ComfyServer:
                "--database-url", "sqlite:///:memory:",
                # latent previews as in a UI setup (core default: none); extra_args can override it
                "--preview-method", "latent2rgb"]
+        entries = [f"ea_extra_{i}:\n  custom_nodes: {json.dumps(str(folder))}\n"
+                   for i, folder in enumerate(self.extra_custom_nodes)]
         if self.force_dynamic_vram:
             # is_default puts this folder first in custom_nodes, so the switch is set before the pack imports
-            extra = self.base_dir / "force_dynamic_vram.yaml"
-            extra.write_text(f"ea_force_dynamic_vram:\n  is_default: true\n"
-                             f"  custom_nodes: {json.dumps(str(FORCE_DYNAMIC_VRAM_NODES))}\n")
+            entries.append(f"ea_force_dynamic_vram:\n  is_default: true\n"
+                           f"  custom_nodes: {json.dumps(str(FORCE_DYNAMIC_VRAM_NODES))}\n")
+        if entries:
+            extra = self.base_dir / "extra_custom_nodes.yaml"
+            extra.write_text("".join(entries))
             cmd += ["--extra-model-paths-config", str(extra)]
         cmd += self.extra_args
         # models are local files only: never reach for a hub

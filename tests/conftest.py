@@ -7,6 +7,7 @@ Only tests that request it start a server; they are marked `server` automaticall
 The extra tiers of .ci/run run `-m "server or every_host"`: `every_host` marks library tests whose result depends
 on the host's packages (e.g. the tokenizer under transformers 5 without protobuf).
 """
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -57,17 +58,18 @@ def comfy_python(comfy_host_dir):
     return host_python(comfy_host_dir)
 
 
-@pytest.fixture(scope="session")
-def comfy(comfy_host_dir):
-    """A running ComfyUI with the pack loaded and tiny release models (see tests/comfy_client.py)."""
+@contextlib.contextmanager
+def tiny_server(host, prefix: str, log_name: str, **server_kwargs):
+    """A started ComfyServer with the pack and tiny release models in a throw-away base folder; its log is saved as
+    test_artifacts/<log_name> and the folder removed afterwards. `server_kwargs` go to ComfyServer."""
     try:
         from easyanimate_model.tiny import write_release_files
     except ImportError as e:
-        pytest.fail(f"the `comfy` fixture needs easyanimate_model.tiny.write_release_files to put tiny "
-                    f"models in the server's models folder: {e}", pytrace=False)
-    base = Path(tempfile.mkdtemp(prefix="ea-comfy-base-"))
-    server = ComfyServer(comfy_host_dir, base, pack_dir=REPO_DIR, pack_folder_name=PACK_FOLDER_NAME)
-    log_copy = ARTIFACTS_DIR / "comfy_server.log"
+        pytest.fail(f"a test server needs easyanimate_model.tiny.write_release_files to put tiny models in its "
+                    f"models folder: {e}", pytrace=False)
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    server = ComfyServer(host, base, pack_dir=REPO_DIR, **{"pack_folder_name": PACK_FOLDER_NAME, **server_kwargs})
+    log_copy = ARTIFACTS_DIR / log_name
     try:
         # the pipeline node loads the VAE as ComfyUI's SD VAE, which needs the real (random-weight) SD layout
         write_release_files(server.models_dir, vae="tiny")
@@ -80,3 +82,10 @@ def comfy(comfy_host_dir):
         server.stop()
         server.save_log(log_copy)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_host_dir):
+    """A running ComfyUI with the pack loaded and tiny release models (see tests/comfy_client.py)."""
+    with tiny_server(comfy_host_dir, "ea-comfy-base-", "comfy_server.log") as server:
+        yield server

@@ -1,39 +1,26 @@
 """Oversized and nonsensical requests against a real server under a 10 GiB address-space cap (`ulimit -v`): refused
 before the allocation, with a message naming the input or the memory needed, and the server keeps serving."""
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from comfy_client import REPO_DIR, ComfyServer, PromptRejected, host_dir
-from conftest import ARTIFACTS_DIR
+from comfy_client import PromptRejected
+from conftest import tiny_server
 from test_nodes_pipeline import graph
+
+pytestmark = pytest.mark.server  # starts its own server (not the session `comfy`, which conftest marks)
 
 GiB = 1024 ** 3
 
 
 @pytest.fixture(scope="module")
-def capped():
-    from easyanimate_model.tiny import write_release_files
-
-    host = host_dir()
-    if not (host / "venv" / "bin" / "python").exists():
-        pytest.skip(f"no test host at {host}")
-    base = Path(tempfile.mkdtemp(prefix="ea-capped-"))
-    server = ComfyServer(host, base, pack_dir=REPO_DIR, pack_folder_name="easyanimate-capped",
-                         address_space_limit=10 * GiB)
-    try:
-        write_release_files(server.models_dir, vae="tiny")
-        server.start()
+def capped(comfy_host_dir):
+    """A server like `comfy`, under a 10 GiB address-space cap (`ulimit -v`)."""
+    with tiny_server(comfy_host_dir, "ea-capped-", "comfy_server_capped.log", pack_folder_name="easyanimate-capped",
+                     address_space_limit=10 * GiB) as server:
         yield server
-    finally:
-        server.stop()
-        server.save_log(ARTIFACTS_DIR / "comfy_server_capped.log")
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def rss(server):

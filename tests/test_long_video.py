@@ -5,8 +5,10 @@ import random
 import pytest
 import torch
 
+from comfy_client import PromptRejected
 from easyanimate_model.vae import fit_frames, map_frame_chunks
-from test_nodes_pipeline import FRAMES, SIZE, execution_error, graph, run_ok, saved_latent
+from easyanimate_model.sampling import SCHEDULERS
+from test_nodes_pipeline import FRAMES, SIZE, execution_error, graph, run_ok, saved_latent, steps_for
 
 
 def image_source(width=SIZE, height=SIZE, frames=FRAMES, node="20"):
@@ -182,7 +184,7 @@ def test_overlapping_windows_blend_without_seams(comfy):
     frames, length = 20, 8
     name = write_latent(comfy, "long_seams.latent", smooth_latent(frames, seed=2))
     blended = frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name, context(length, 4)))))
-    edges = {s for s in range(4, frames, 4)}  # window starts of the static schedule: 0, 4, 8, 12
+    edges = set(range(4, frames - length + 1, 4))  # window starts of the static schedule after the first: 4, 8, 12
     edge_pairs = sorted({s - 1 for s in edges} | {s + length - 1 for s in edges if s + length < frames})
     inside = [i for i in range(frames - 1) if i not in edge_pairs]
     assert frame_jumps(saved_latent(comfy, run_ok(comfy, windowed_graph(name))))[edge_pairs].max() > 0
@@ -205,16 +207,11 @@ def test_easyanimate_sampler_with_context_windows(comfy):
     g["4"]["inputs"]["batch_size"] = 2
     assert "context windows run one video at a time" in execution_error(comfy, g)
     g["9"]["inputs"].update(context(4, 4))
-    with pytest.raises(Exception, match="context_overlap 4 must be smaller than context_length 4"):
+    with pytest.raises(PromptRejected, match="context_overlap 4 must be smaller than context_length 4"):
         comfy.queue(g)
 
 
 # ---- video-to-video: denoise -------------------------------------------------------------------------------------
-SCHEDULERS = ["Euler", "Euler A", "DPM++", "PNDM", "DDIM"]
-
-
-def steps_for(sampler):
-    return 4 if sampler == "PNDM" else 2
 
 
 def test_library_denoise_endpoints():

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from test_nodes_pipeline import FRAMES, MM, PIPELINE, SIZE, execution_error, run_ok, saved_latent
+from easyanimate_model.sampling import SCHEDULERS
+from test_nodes_pipeline import FRAMES, MM, PIPELINE, SIZE, execution_error, run_ok, saved_latent, steps_for
 
 NEGATIVE = "blurry, low quality"
 
@@ -20,7 +21,7 @@ def ksampler(sampler="euler", seed=3, cfg=6.0, model=("2", 0)):
 def easyanimate_sampler(sampler="Euler", seed=3, cfg=6.0, model=("2", 0)):
     return {"class_type": "EasyAnimateSampler",
             "inputs": {"model": list(model), "positive": ["3", 0], "negative": ["3", 1], "latent": ["4", 0],
-                       "seed": seed, "steps": 4 if sampler == "PNDM" else 2, "cfg": cfg, "sampler": sampler}}
+                       "seed": seed, "steps": steps_for(sampler), "cfg": cfg, "sampler": sampler}}
 
 
 def graph(encode, sample, frames=FRAMES, batch=1, clip=("1", 1), extra=None):
@@ -52,7 +53,7 @@ def latent_of(comfy, g):
     return saved_latent(comfy, run_ok(comfy, g))
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "Euler A", "DPM++", "PNDM", "DDIM"])
+@pytest.mark.parametrize("sampler", SCHEDULERS)
 def test_one_keyframe_equals_the_plain_prompt_easyanimate_sampler(comfy, sampler):
     seed = random.randint(0, 2**31)
     ref = latent_of(comfy, graph(plain("a red panda"), easyanimate_sampler(sampler, seed), batch=2))
