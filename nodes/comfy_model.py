@@ -86,9 +86,20 @@ class EasyAnimateDiT(Transformer3DModel):
     def _forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, **kwargs):
         """x [rows, 4, h, w] (rows = chunks * B * F), context [rows, L, C] (one copy per row, as ComfyUI repeats
         conds to the batch), attention_mask [rows, L] or None -> eps [rows, 4, h, w] (learned sigma dropped)."""
+        frames, context, attention_mask, options = self._call_args(x, context, attention_mask, transformer_options,
+                                                                   kwargs.get(SCHEDULE_KEY))
+        out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
+                                  temporal=options.get(TEMPORAL_OPTION, False), transformer_options=options)
+        return out[:, :self.config.in_channels]
+
+    # Python bookkeeping on ComfyUI's options, run eagerly under core TorchCompileModel: traced, dynamo guards on
+    # every entry of transformer_options (the copy below reads them all), and entries that differ between samplers
+    # (EasyAnimateSampler sets FRAMES_KEY, core samplers do not) break those guards instead of recompiling
+    @torch.compiler.disable
+    def _call_args(self, x, context, attention_mask, transformer_options, schedules):
+        """(frames per video, the call's text contexts, their mask, a copy of transformer_options for the blocks)."""
         rows = x.shape[0]
         frames = frames_per_video(rows, transformer_options)
-        schedules = kwargs.get(SCHEDULE_KEY)
         if schedules:
             context, attention_mask = self._scheduled_contexts(schedules, rows, frames, transformer_options,
                                                                context.dtype, x.device), None
@@ -101,15 +112,13 @@ class EasyAnimateDiT(Transformer3DModel):
                 attention_mask = attention_mask[::stride]
         # a copy: the block keys set per block must not leak into the caller's dict
         options = dict(transformer_options, total_blocks=len(self.transformer_blocks), block_type="double")
-        out = self.forward_frames(x, timesteps, context, attention_mask, num_frames=frames,
-                                  temporal=options.get(TEMPORAL_OPTION, False), transformer_options=options)
-        return out[:, :self.config.in_channels]
+        return frames, context, attention_mask, options
 
     def _scheduled_contexts(self, schedules, rows, frames, transformer_options, dtype, device):
         """FrameContexts for the rows of this call: one schedule per cond chunk; the rows' frame numbers come from
         the context window (its indices into the whole latent) or count from 0 (the whole video)."""
         window = transformer_options.get("context_window")
-        positions = getattr(window, "index_list", None)
+        positions = None if window is None else window_frames(window)
         total = int(transformer_options.get(FRAMES_KEY) or 0) or schedules[0].video_rows
         for s in schedules:
             check_frames(s.schedule, total if positions is not None else frames, "EasyAnimatePromptSchedule")
@@ -139,6 +148,13 @@ class EasyAnimateDiT(Transformer3DModel):
         return out["img"]
 
 
+def window_frames(window) -> list:
+    """The frames a core context window puts in the model call, in order: newer cores' causal_window_fix (on by
+    default in "Context Windows (Manual)") prepends the frame before the window as an anchor."""
+    anchor = getattr(window, "causal_anchor_index", None)
+    return ([] if anchor is None else [anchor]) + list(window.index_list)
+
+
 def frames_per_video(rows: int, transformer_options: dict) -> int:
     """Frames per video in a model call of `rows` latent frames (see the module docstring)."""
     frames = transformer_options.get(FRAMES_KEY)
@@ -148,7 +164,7 @@ def frames_per_video(rows: int, transformer_options: dict) -> int:
             raise ValueError(f"EasyAnimate: a context window over frames {window.index_list[0]}..."
                              f"{window.index_list[-1]} crosses the end of a {frames}-frame video: context windows "
                              f"need a batch of one video")
-        frames = len(window.index_list)
+        frames = len(window_frames(window))
     frames = frames or rows // max(1, len(transformer_options.get("cond_or_uncond", [None])))
     if not frames or rows % frames:
         raise ValueError(f"EasyAnimate: a batch of {rows} latent frames is not a whole number of {frames}-frame "

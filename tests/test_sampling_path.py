@@ -4,45 +4,28 @@ wrappers, attention override and patches, torch.compile, context windows, severa
 EasyAnimateSampler and under SamplerCustomAdvanced + EasyAnimateSamplerSelect alike."""
 import json
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_client import REPO_DIR, ComfyServer
-from conftest import ARTIFACTS_DIR, PACK_FOLDER_NAME
-from test_nodes_pipeline import FRAMES, MM, PIPELINE, SIZE, graph, run_ok, saved_latent
+from conftest import ARTIFACTS_DIR, tiny_server
+from easyanimate_model.sampling import SCHEDULERS
+from test_nodes_pipeline import FRAMES, MM, PIPELINE, SIZE, graph, run_ok, saved_latent, steps_for
 
+pytestmark = pytest.mark.server  # starts its own server (not the session `comfy`, which conftest marks)
 PROBE_NODES = Path(__file__).parent / "probe_nodes"
-SAMPLERS = ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")
 ERRORS = {}  # sampler -> errors, written to test_artifacts/sampling_path_errors.json
 
 
 @pytest.fixture(scope="module")
 def probe_comfy(comfy_host_dir):
-    """A server like `comfy`, plus the probe nodes (custom_nodes from an extra model paths yaml)."""
-    from easyanimate_model.tiny import write_release_files
-
-    base = Path(tempfile.mkdtemp(prefix="ea-comfy-probe-"))
-    (base / "extra_paths.yaml").write_text(f"probes:\n  custom_nodes: {PROBE_NODES}\n")
-    server = ComfyServer(comfy_host_dir, base, pack_dir=REPO_DIR, pack_folder_name=PACK_FOLDER_NAME,
-                         extra_args=["--extra-model-paths-config", str(base / "extra_paths.yaml")])
-    try:
-        write_release_files(server.models_dir, vae="tiny")
-        server.start()
+    """A server like `comfy`, plus the probe nodes."""
+    with tiny_server(comfy_host_dir, "ea-comfy-probe-", "comfy_probe_server.log",
+                     extra_custom_nodes=[PROBE_NODES]) as server:
         assert "EAProbeHooks" in server.object_info(), server.log_tail()
         yield server
-    finally:
-        server.stop()
-        server.save_log(ARTIFACTS_DIR / "comfy_probe_server.log")
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def steps_for(sampler):
-    return 4 if sampler == "PNDM" else 2  # PNDM's warm-up needs 4
 
 
 def advanced(g, seed, sampler, steps, cfg, model=("2", 0), positive=("3", 0), negative=("3", 1), out="5"):
@@ -64,7 +47,7 @@ def relative(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", SCHEDULERS)
 def test_node_paths_equal_library_path(probe_comfy, sampler):
     """EasyAnimateSampler and SamplerCustomAdvanced + our sampler/sigmas = ea.sample on the server's T5 output."""
     import easyanimate_model as ea
@@ -167,16 +150,35 @@ def test_core_torch_compile_runs(probe_comfy, path):
     """Core TorchCompileModel (its APPLY_MODEL wrapper swaps in the compiled diffusion_model): dynamo captures
     graphs of our model. Backend "cudagraphs" traces with dynamo and runs the graphs eagerly on CPU tensors;
     "inductor" works too on CPU (with gcc) but compiles for minutes on a 2-core machine."""
+    # nodes re-run and dynamo compiles afresh: the other path's compiled graphs would otherwise be reused as they are
+    probe_comfy.free()
     seed = random.randint(0, 2**31)
     extra = {"tc": {"class_type": "TorchCompileModel", "inputs": {"model": ["2", 0], "backend": COMPILE_BACKEND}}}
     before = counts_of(run_ok(probe_comfy, probed(path, "apply_model", seed, extra=extra))).get("dynamo_graphs", 0)
-    g = probed(path, "apply_model", seed, model=("tc", 0), extra=extra)
+    g = probed(path, "apply_model,dynamo_reset", seed, model=("tc", 0), extra=extra)
     result = run_ok(probe_comfy, g, timeout=900)
     counts = counts_of(result)
     PROBE_TABLE.setdefault(path, {})["torch_compile_new_graphs"] = counts.get("dynamo_graphs", 0) - before
     (ARTIFACTS_DIR / "sampling_path_probes.json").write_text(json.dumps(PROBE_TABLE, indent=1))
     assert counts["apply_model"] == 2 and counts.get("dynamo_graphs", 0) > before, counts
     assert torch.isfinite(saved_latent(probe_comfy, result)).all()
+    # the same compiled model under the other path, whose transformer_options differ: it runs (dynamo's guards on
+    # the options once failed with KeyError 'easyanimate_frames' on ComfyUI 0.33.0)
+    other = PATHS[1 - PATHS.index(path)]
+    again = run_ok(probe_comfy, probed(other, "apply_model", seed, model=("tc", 0), extra=extra), timeout=900)
+    assert torch.isfinite(saved_latent(probe_comfy, again)).all()
+
+
+def with_defaults(comfy, class_type, **inputs):
+    """A core node with `inputs`; its other widgets at their defaults, as a new node on the canvas has them (core
+    nodes gain inputs across versions: 0.33.0's ContextWindowsManual has five more than 0.3.75's)."""
+    info = comfy.object_info(class_type)["input"]
+    for section in ("required", "optional"):
+        for name, spec in (info.get(section) or {}).items():
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if name not in inputs and "default" in opts:
+                inputs[name] = opts["default"]
+    return {"class_type": class_type, "inputs": inputs}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -184,10 +186,9 @@ def test_core_context_windows_give_a_longer_video(probe_comfy, path):
     """ContextWindowsManual (length 4, overlap 1) on 10 frames: 3 windows per step, each a whole 4-frame video for
     the motion module; the result differs from the full-attention run."""
     seed, frames = random.randint(0, 2**31), 10
-    extra = {"cw": {"class_type": "ContextWindowsManual",
-                    "inputs": {"model": ["2", 0], "context_length": 4, "context_overlap": 1,
-                               "context_schedule": "standard_static", "context_stride": 1, "closed_loop": False,
-                               "fuse_method": "pyramid", "dim": 0}}}
+    extra = {"cw": with_defaults(probe_comfy, "ContextWindowsManual", model=["2", 0], context_length=4,
+                                 context_overlap=1, context_schedule="standard_static", context_stride=1,
+                                 closed_loop=False, fuse_method="pyramid", dim=0)}
     g = probed(path, "apply_model,attention_override", seed, model=("cw", 0), extra=extra)
     g["4"]["inputs"]["frames"] = frames
     result = run_ok(probe_comfy, g)

@@ -20,6 +20,10 @@ def _count(name):
 
 
 def install(model, probes):
+    if "dynamo_reset" in probes:  # compile afresh: dynamo reuses its graphs for any model instance of one class
+        import torch._dynamo
+
+        torch._dynamo.reset()
     m = model.clone()
     if "cfg" in probes:
         def cfg(args):  # core's formula on the eps-like "cond"/"uncond": the same result
