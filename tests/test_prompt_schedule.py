@@ -4,6 +4,7 @@ import torch
 
 from easyanimate_model.prompt_schedule import (FrameContexts, Keyframe, PromptSchedule, ScheduleError, check_frames,
                                                looks_like_schedule, parse_schedule)
+from test_transformer import model3d  # noqa: F401 (fixture: the tiny 3D model of the fixture files)
 
 TOKENS, CHANNELS = 6, 4
 
@@ -137,18 +138,6 @@ def test_memory_does_not_grow_with_frames_for_repeated_prompts():
 
 # -- the transformer with per-frame contexts ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from test_transformer import FIXTURE, fixture_config
-    from safetensors.torch import load_file
-    from easyanimate_model.transformer import Transformer3DModel
-
-    model = Transformer3DModel(fixture_config()).eval()
-    model.load_state_dict({**load_file(FIXTURE / "base_dit.safetensors"),
-                           **load_file(FIXTURE / "motion_module.safetensors")}, strict=True)
-    return model
-
-
 def video_inputs(model, batch=2, frames=4, tokens=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = model.config.patch_size * model.config.motion_module.block_size
@@ -160,56 +149,56 @@ def video_inputs(model, batch=2, frames=4, tokens=7, seed=0):
     return x, torch.tensor([500.0] * batch), texts, masks
 
 
-def test_uniform_frame_contexts_equal_the_per_video_prompt_exactly(tiny_model):
-    x, t, texts, masks = video_inputs(tiny_model)
+def test_uniform_frame_contexts_equal_the_per_video_prompt_exactly(model3d):
+    x, t, texts, masks = video_inputs(model3d)
     with torch.no_grad():
-        plain = tiny_model.forward_frames(x, t, texts[1:3], masks[1:3], num_frames=4)
+        plain = model3d.forward_frames(x, t, texts[1:3], masks[1:3], num_frames=4)
         table = FrameContexts(texts, masks, torch.tensor([1] * 4 + [2] * 4))
-        assert torch.equal(tiny_model.forward_frames(x, t, table, num_frames=4), plain)
+        assert torch.equal(model3d.forward_frames(x, t, table, num_frames=4), plain)
         # one tensor per frame holding the same prompt: the same result up to float rounding
-        per_frame = tiny_model.forward_frames(x, t, texts[[1] * 4 + [2] * 4], masks[[1] * 4 + [2] * 4],
+        per_frame = model3d.forward_frames(x, t, texts[[1] * 4 + [2] * 4], masks[[1] * 4 + [2] * 4],
                                               num_frames=4)
         torch.testing.assert_close(per_frame, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_each_frame_cross_attends_to_its_own_prompt(tiny_model):
+def test_each_frame_cross_attends_to_its_own_prompt(model3d):
     """Without the motion module frames are independent: frame f under a per-frame table equals frame f of the whole
     video run with frame f's prompt."""
-    x, t, texts, masks = video_inputs(tiny_model, batch=2, frames=4)
+    x, t, texts, masks = video_inputs(model3d, batch=2, frames=4)
     index = torch.tensor([0, 1, 2, 1, 2, 2, 0, 0])
     with torch.no_grad():
-        out = tiny_model.forward_frames(x, t, FrameContexts(texts, masks, index), num_frames=4, temporal=False)
+        out = model3d.forward_frames(x, t, FrameContexts(texts, masks, index), num_frames=4, temporal=False)
         for prompt in range(3):
-            ref = tiny_model.forward_frames(x, t, texts[[prompt, prompt]], masks[[prompt, prompt]], num_frames=4,
+            ref = model3d.forward_frames(x, t, texts[[prompt, prompt]], masks[[prompt, prompt]], num_frames=4,
                                             temporal=False)
             rows = index == prompt
             torch.testing.assert_close(out[rows], ref[rows], rtol=1e-5, atol=1e-5)
         # and with the motion module the prompts still differ per frame (frames interact, so only a smoke check)
-        full = tiny_model.forward_frames(x, t, FrameContexts(texts, masks, index), num_frames=4)
+        full = model3d.forward_frames(x, t, FrameContexts(texts, masks, index), num_frames=4)
         assert full.shape == out.shape and torch.isfinite(full).all()
 
 
-def test_blended_masks_are_soft_and_continuous(tiny_model):
-    x, t, texts, masks = video_inputs(tiny_model, batch=1, frames=4)
+def test_blended_masks_are_soft_and_continuous(model3d):
+    x, t, texts, masks = video_inputs(model3d, batch=1, frames=4)
     s = PromptSchedule(texts[1:3], masks[1:3], [0, 100], [0, 1], num_frames=101)
     outs = []
     with torch.no_grad():
         for w_frame in (0, 1, 50, 99, 100):
             ctx = s.frame_contexts([w_frame] * 4)
-            outs.append(tiny_model.forward_frames(x, t[:1], ctx, num_frames=4))
-        ref_a = tiny_model.forward_frames(x, t[:1], texts[1:2], masks[1:2], num_frames=4)
-        ref_b = tiny_model.forward_frames(x, t[:1], texts[2:3], masks[2:3], num_frames=4)
+            outs.append(model3d.forward_frames(x, t[:1], ctx, num_frames=4))
+        ref_a = model3d.forward_frames(x, t[:1], texts[1:2], masks[1:2], num_frames=4)
+        ref_b = model3d.forward_frames(x, t[:1], texts[2:3], masks[2:3], num_frames=4)
     assert torch.equal(outs[0], ref_a) and torch.equal(outs[-1], ref_b)
     jump = (ref_b - ref_a).abs().max()
     assert (outs[1] - ref_a).abs().max() < 0.05 * jump and (outs[3] - ref_b).abs().max() < 0.05 * jump
 
 
-def test_bad_context_shapes_are_refused(tiny_model):
-    x, t, texts, masks = video_inputs(tiny_model, batch=2, frames=4)
+def test_bad_context_shapes_are_refused(model3d):
+    x, t, texts, masks = video_inputs(model3d, batch=2, frames=4)
     with pytest.raises(ValueError, match=r"\[B=2, L, .*\[B\*F=8, L"):
-        tiny_model.forward_frames(x, t, texts, masks, num_frames=4)
+        model3d.forward_frames(x, t, texts, masks, num_frames=4)
     with pytest.raises(ValueError, match="one entry per frame row"):
-        tiny_model.forward_frames(x, t, FrameContexts(texts, masks, torch.zeros(4, dtype=torch.long)), num_frames=4)
+        model3d.forward_frames(x, t, FrameContexts(texts, masks, torch.zeros(4, dtype=torch.long)), num_frames=4)
 
 
 def test_conditioning_memory_at_240_frames_with_three_t5_xxl_prompts():
